@@ -1,0 +1,299 @@
+"""ViTConfig: the transformers 4.x ViT configuration, framework-neutral.
+
+A config.json written here is read by transformers' ViTConfig and the reverse. Unknown keys are
+kept (``extra``) and written back, so a round trip never loses information.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+from .activations import ACTIVATIONS
+
+CONFIG_NAME = "config.json"
+
+# Model sizes (hidden size, layers, heads, MLP size), decoded from names like "B/16" (big_vision style).
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "qkv_bias": True,
+    "encoder_stride": 16,
+    "pooler_output_size": None,
+    "pooler_act": "tanh",
+    "problem_type": None,
+}
+
+# Keys transformers' PretrainedConfig writes that carry no meaning for the model here; they are
+# kept in ``extra`` like any unknown key.
+_INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "num_channels", "encoder_stride")
+_PROB_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _pair(value: int | tuple[int, int] | list[int], field: str) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"ViTConfig.{field} must be an int or (height, width), got {value!r}")
+        pair = (value[0], value[1])
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"ViTConfig.{field} must hold positive ints, got {value!r}")
+    return pair
+
+
+class ViTConfig:
+    """Configuration of a ViT model, with the fields and defaults of transformers' ViTConfig.
+
+    ``image_size`` and ``patch_size`` may be an int or (height, width). Label fields
+    (``num_labels``, ``id2label``, ``label2id``, ``problem_type``) behave as in transformers:
+    ``id2label`` keys are ints, and ``num_labels`` defaults to 2.
+    """
+
+    model_type = "vit"
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key, default in _DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, copy.deepcopy(default)))
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        if id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            if num_labels is not None and num_labels != len(self.id2label):
+                raise ValueError(
+                    f"ViTConfig.num_labels={num_labels} disagrees with id2label ({len(self.id2label)} labels)"
+                )
+        else:
+            n = 2 if num_labels is None else num_labels
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"ViTConfig.num_labels must be a non-negative int, got {n!r}")
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+        if label2id is not None:
+            self.label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+        else:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        kwargs.pop("model_type", None)
+        # Everything else (architectures, torch_dtype, transformers_version, ...) is kept verbatim.
+        self.extra: dict[str, Any] = kwargs
+        self.validate()
+
+    # ----------------------------------------------------------------------------- labels
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+        self.label2id = {v: k for k, v in self.id2label.items()}
+
+    # ----------------------------------------------------------------------------- geometry
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size, "image_size")
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size, "patch_size")
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of an image of ``image_size``."""
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_hw
+        return gh * gw
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def pooler_size(self) -> int:
+        return self.hidden_size if self.pooler_output_size is None else self.pooler_output_size
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive int, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        if h % ph or w % pw:
+            raise ValueError(
+                f"ViTConfig.image_size {self.image_size!r} must be divisible by patch_size {self.patch_size!r}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"ViTConfig.hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
+            )
+        if self.pooler_act not in ACTIVATIONS:
+            raise ValueError(
+                f"ViTConfig.pooler_act {self.pooler_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
+            )
+        for name in _PROB_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be a probability in [0, 1), got {v!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"ViTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"ViTConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.pooler_output_size is not None and (
+            isinstance(self.pooler_output_size, bool)
+            or not isinstance(self.pooler_output_size, int)
+            or self.pooler_output_size <= 0
+        ):
+            raise ValueError(f"ViTConfig.pooler_output_size must be a positive int or None, got {self.pooler_output_size!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"ViTConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
+
+    # ----------------------------------------------------------------------------- variants
+    @classmethod
+    def from_variant(cls, name: str, image_size: int = 224, **kwargs: Any) -> "ViTConfig":
+        """Build the config of a named size such as ``"B/16"`` or ``"Ti/16"`` (big_vision naming)."""
+        try:
+            size, patch = name.split("/")
+            hidden, layers, heads, mlp = VARIANTS[size]
+            patch_size = int(patch)
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown ViT variant {name!r}; expected one of {sorted(VARIANTS)} + '/patch', e.g. 'B/16'") from None
+        fields = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=mlp, patch_size=patch_size, encoder_stride=patch_size,
+                      image_size=image_size)
+        fields.update(kwargs)
+        return cls(**fields)
+
+    # ----------------------------------------------------------------------------- dict / json
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extra)
+        for key in _DEFAULTS:
+            value = getattr(self, key)
+            d[key] = list(value) if isinstance(value, tuple) else value
+        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        d["label2id"] = dict(self.label2id)
+        d["model_type"] = self.model_type
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "ViTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a ViT config must be a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "vit")
+        if model_type not in ("vit", None):
+            raise ValueError(f"config has model_type {model_type!r}; vitx reads 'vit' configs only")
+        fields = dict(d)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            fields.pop("id2label", None)
+            fields.pop("label2id", None)
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ViTConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"ViTConfig {self.to_json_string()}"
+
+    # ----------------------------------------------------------------------------- files
+    def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
+        """Write ``config.json`` (atomically) into ``save_directory``; returns its path."""
+        directory = pathlib.Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        write_text_atomic(path, self.to_json_string())
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "ViTConfig":
+        path = pathlib.Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config file at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> "ViTConfig":
+        """Read ``config.json`` from a directory, a json file, or a hub id (through huggingface_hub)."""
+        path = pathlib.Path(pretrained_model_name_or_path)
+        if path.is_file():
+            return cls.from_json_file(path, **overrides)
+        if path.is_dir():
+            return cls.from_json_file(path / CONFIG_NAME, **overrides)
+        from .checkpoint_io import resolve_pretrained
+
+        directory = resolve_pretrained(
+            str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, filenames=(CONFIG_NAME,),
+        )
+        return cls.from_json_file(directory / CONFIG_NAME, **overrides)
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
