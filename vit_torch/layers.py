@@ -1,0 +1,163 @@
+"""The PyTorch primitives whose numerics must match vit_core's numpy references.
+
+Everything that differs between frameworks in how a ViT computes lives here, in one small place:
+the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
+of the position grid and the patch embedding. tests/test_torch.py checks each against vit_core.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vit_core.resample import CUBIC_A
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """transformers "gelu_fast": the tanh GELU with the constant written as 0.7978845608."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers "gelu_new" (tanh approximation, the original JAX ViT's), written out like
+    transformers' NewGELUActivation so it agrees with it to the last bit, not just to 1e-7."""
+    return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x) (CLIP's)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_exact(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)  # erf form: transformers "gelu"
+
+
+def _gelu_pytorch_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.hidden_act / config.pooler_act -> function. Same names and formulas as
+# vit_core.activations.ACTIVATIONS (the float64 references these are tested against).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": _gelu_exact,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": _gelu_pytorch_tanh,
+    "gelu_fast": gelu_fast,
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called ``name`` in a ViT config (ValueError for an unknown name)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def layer_norm(hidden_size: int, eps: float) -> nn.LayerNorm:
+    """torch's LayerNorm computes the two-pass (biased) variance the reference uses; eps always
+    comes from the config (1e-12 for transformers checkpoints, 1e-6 for timm / JAX originals)."""
+    return nn.LayerNorm(hidden_size, eps=eps)
+
+
+def eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    head_mask: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, returning the probabilities.
+
+    query/key/value (batch, heads, tokens, head_dim); head_mask broadcastable to
+    (batch, heads, tokens, tokens) or None. Returns context (batch, heads, tokens, head_dim) and
+    probabilities (batch, heads, tokens, tokens) after dropout and head mask, as transformers'.
+    The softmax runs in float32 whatever the input dtype (bfloat16 / float16 logits lose the tail).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (batch, heads, tokens, tokens)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    if head_mask is not None:
+        probs = probs * head_mask
+    context = torch.matmul(probs, value)  # (batch, heads, tokens, head_dim)
+    return context, probs
+
+
+def fused_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout_p: float
+) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention; same shapes as :func:`eager_attention`,
+    no probabilities. It softmaxes in float32 internally for reduced-precision inputs."""
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scaling)
+
+
+def bicubic_matrix(in_size: int, out_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """The (out_size, in_size) float32 matrix of vit_core.resample.bicubic_matrix, built with torch ops.
+
+    Same formula, computed in float64 and rounded once to float32 (tested bitwise against the
+    numpy builder). Built from torch ops rather than numpy so that torch.compile traces it without
+    a graph break, also when dynamo makes the image size symbolic (a numpy constant cannot depend
+    on a symbolic size). A one-hot comparison replaces numpy's ``add.at`` so the taps that the
+    border clamp folds onto the same source index add up, as in the reference.
+    """
+    a = CUBIC_A
+    scale = in_size / out_size
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
+    src = (dst + 0.5) * scale - 0.5  # half-pixel centres, not clamped at 0 (torch's cubic)
+    base = torch.floor(src)
+    t = src - base
+    x0, x1, x2, x3 = t + 1.0, t, 1.0 - t, 2.0 - t
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+    weights = torch.stack([far(x0), near(x1), near(x2), far(x3)], dim=-1)  # (out, 4)
+    taps = torch.arange(4, device=device)
+    index = (base.to(torch.int64)[:, None] - 1 + taps).clamp(0, in_size - 1)  # (out, 4)
+    columns = torch.arange(in_size, device=device)
+    one_hot = (index[:, :, None] == columns).to(torch.float64)  # (out, 4, in)
+    matrix = (weights[:, :, None] * one_hot).sum(dim=1)  # (out, in)
+    return matrix.to(torch.float32)
+
+
+def resample_position_grid(patch_pos_embed: torch.Tensor, grid_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of the patch rows of a position table, as ``M_h @ grid @ M_w.T``.
+
+    patch_pos_embed (1, gh * gw, dim) -> (1, out_h * out_w, dim), computed in float32 and returned
+    in the input dtype. The kernel is torch's bicubic interpolate (a = -0.75, align_corners=False,
+    no antialiasing), the one transformers >= 4.45 uses; two matmuls instead of the resize op so
+    TF and Flax can do exactly the same.
+    """
+    gh, gw = grid_hw
+    out_h, out_w = out_hw
+    dim = patch_pos_embed.shape[-1]
+    device = patch_pos_embed.device
+    grid = patch_pos_embed.reshape(gh, gw, dim).to(torch.float32)  # (gh, gw, dim)
+    matrix_h = bicubic_matrix(gh, out_h, device)  # (out_h, gh)
+    matrix_w = bicubic_matrix(gw, out_w, device)  # (out_w, gw)
+    rows = torch.einsum("og,gwd->owd", matrix_h, grid)  # (out_h, gw, dim)
+    resampled = torch.einsum("pw,owd->opd", matrix_w, rows)  # (out_h, out_w, dim)
+    return resampled.reshape(1, out_h * out_w, dim).to(patch_pos_embed.dtype)
+
+
+def patch_projection(num_channels: int, hidden_size: int, patch_hw: tuple[int, int]) -> nn.Conv2d:
+    """The patch embedding: a convolution with kernel = stride = patch size. Its weight
+    (hidden, channels, ph, pw) is the canonical layout; pixels past the last whole patch are dropped."""
+    return nn.Conv2d(num_channels, hidden_size, kernel_size=patch_hw, stride=patch_hw)
