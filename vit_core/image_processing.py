@@ -1,0 +1,724 @@
+"""ViTImageProcessor: transformers' slow ViT image processor, reproduced on numpy + Pillow.
+
+The numbers are those of transformers 4.x ``ViTImageProcessor`` (the test oracle, matched to
+max |diff| <= 1e-6 on real photos, see spec/NUMERICS.md). Per image, in order:
+
+1. to an (height, width, channels) array: PIL images that are not RGB go through Pillow's
+   ``convert("RGB")``; arrays (numpy, torch, tf, jax) are read as numpy, their channel axis is
+   inferred (first or last), a grayscale image is repeated to three channels and an alpha channel
+   is dropped (what ``convert("RGB")`` does to "L" and "RGBA" images);
+2. resize: the image is made uint8 (float images in [0, 1] are scaled by 255 and truncated, as
+   transformers' ``to_pil_image`` does), resized by Pillow (bilinear by default; Pillow
+   antialiases when it shrinks), and scaled back by 1/255 when it was scaled up;
+3. rescale: ``float32(float64(x) * rescale_factor)``, the product taken in float64 as
+   transformers' ``rescale`` does;
+4. normalize: ``(x - mean) / std`` in float32 (in the image's own float dtype if it is float and
+   was not rescaled, then cast to float32);
+5. channels first: the batch is (batch, channels, height, width) float32.
+
+Only numpy and Pillow are imported here; a framework is imported when ``return_tensors`` asks
+for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import numpy as np
+from PIL import Image
+
+from .config import write_text_atomic
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+# transformers' IMAGENET_STANDARD_MEAN / _STD (the ViT checkpoints' [-1, 1] input range).
+IMAGENET_STANDARD_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+# PIL.Image.Resampling values, which transformers' PILImageResampling re-exports and which
+# preprocessor_config.json stores as plain ints.
+RESAMPLE_NAMES: dict[int, str] = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+
+# Channel counts an array may carry (grayscale, RGB, RGBA). Inference tries transformers' own
+# set (1, 3) first so every shape it accepts is read the same way; 4 (RGBA) comes after.
+_INFERABLE_CHANNELS: tuple[tuple[int, ...], ...] = ((1, 3), (4,))
+
+# Modes whose values can exceed 255: Pillow's convert("RGB") clips them (16-bit, 32-bit, float).
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+# Option names read from / written to preprocessor_config.json, in transformers' spelling.
+_OPTION_NAMES = (
+    "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
+    "image_mean", "image_std", "do_convert_rgb",
+)
+# Keys of old files (or transformers' own bookkeeping) that carry no option and are not written back.
+_DROPPED_KEYS = ("image_processor_type", "feature_extractor_type")
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | tf.Tensor | jax.Array
+ImageInput = Union[ImageLike, Sequence[ImageLike]]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def to_numpy_image(image: Any) -> np.ndarray:
+    """Read one array-like image as numpy without importing any framework.
+
+    Frameworks are recognised by the module of the array's type (duck typing), so a framework
+    that is not installed is never imported here.
+    """
+    if isinstance(image, np.ndarray):
+        return image
+    module = type(image).__module__ or ""
+    if module.startswith("torch"):
+        tensor = image.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            tensor = tensor.float()
+        return tensor.numpy()
+    if module.startswith("tensorflow"):
+        return image.numpy()
+    if module.startswith(("jax", "jaxlib")):
+        return np.asarray(image)
+    raise ValueError(
+        f"unsupported image type {type(image).__module__}.{type(image).__qualname__}: expected a "
+        "PIL image, a numpy array, a torch / tf tensor or a jax array (or a list of them)"
+    )
+
+
+def _check_dtype(array: np.ndarray) -> None:
+    if array.dtype == np.bool_:
+        raise ValueError("boolean images are not supported (dtype bool): convert them to uint8 (0 and 255) first")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"complex images are not supported (dtype {array.dtype}): pass real uint8 or float pixels")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"unsupported image dtype {array.dtype}: expected an integer (uint8) or float dtype")
+
+
+def infer_channel_dimension_format(image: np.ndarray) -> str:
+    """Return "channels_first" or "channels_last" for a (C, H, W) or (H, W, C) array.
+
+    transformers' rule: if the first axis has 1 or 3 entries the image is channels-first (also
+    when the last axis does too: (3, H, 3) is read as channels-first), else if the last axis has 1
+    or 3 it is channels-last. RGBA (4) is then tried the same way.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"cannot infer the channel axis of an array with {image.ndim} dimensions (shape {image.shape})")
+    first, last = image.shape[0], image.shape[-1]
+    for counts in _INFERABLE_CHANNELS:
+        if first in counts:
+            return CHANNELS_FIRST
+        if last in counts:
+            return CHANNELS_LAST
+    raise ValueError(
+        f"cannot infer the channel axis of an image of shape {tuple(image.shape)}: expected 1 (grayscale), "
+        "3 (RGB) or 4 (RGBA) channels in the first or the last axis; pass input_data_format="
+        "'channels_first' or 'channels_last' if the shape is ambiguous"
+    )
+
+
+def _flatten_images(images: ImageInput) -> list[Any]:
+    """One image, a list of images, nested lists, or (batch, ...) 4-D arrays -> a flat list.
+
+    A 2-D or 3-D array is one image; a 4-D array is a batch (as transformers reads them).
+    Arrays come back as numpy, PIL images unchanged.
+    """
+    flat: list[Any] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, Image.Image):
+            flat.append(item)
+        elif isinstance(item, (list, tuple)):
+            for sub in item:
+                visit(sub)
+        elif item is None:
+            raise ValueError("got None where an image was expected")
+        else:
+            array = to_numpy_image(item)
+            if array.ndim == 4:
+                flat.extend(array)
+            elif array.ndim in (2, 3):
+                flat.append(array)
+            else:
+                raise ValueError(
+                    f"an image must have 2 (height, width) or 3 (channels with height, width) dimensions, "
+                    f"or 4 for a batch (batch, ...); got {array.ndim} dimensions with shape {tuple(array.shape)}"
+                )
+
+    visit(images)
+    if not flat:
+        raise ValueError("no images given: the input is empty (an empty list or a batch of 0 images)")
+    return flat
+
+
+def _warn_if_clipped(image: Image.Image) -> None:
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        high = image.getextrema()[1]  # these modes have one band: (min, max)
+        if high > 255:
+            warnings.warn(
+                f"a {image.mode!r} image with values up to {high} is converted with Pillow's convert('RGB'), "
+                "which clips values above 255 (transformers' do_convert_rgb=True does the same); scale it "
+                "to 8 bits first to keep its contrast",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+def _pil_to_array(image: Image.Image, convert_rgb: bool) -> np.ndarray:
+    """A PIL image -> (H, W, C). With ``convert_rgb`` every mode goes through convert("RGB")."""
+    if convert_rgb:
+        if image.mode != "RGB":
+            _warn_if_clipped(image)
+            image = image.convert("RGB")
+    elif image.mode == "1":  # numpy reads 1-bit images as bool; keep one channel as 0 / 255
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):  # palette indices are not pixels: keep the palette's own channels
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def prepare_image(image: Any, convert_rgb: bool = True, input_data_format: str | None = None) -> np.ndarray:
+    """One image (PIL or array-like) -> an (height, width, channels) numpy array, dtype unchanged.
+
+    With ``convert_rgb`` (the default; ``do_convert_rgb=False`` turns it off) the result has three
+    channels: PIL images through ``convert("RGB")``, arrays by repeating a grayscale channel and
+    dropping an alpha channel, which is what ``convert("RGB")`` does for "L" and "RGBA".
+    """
+    if isinstance(image, Image.Image):
+        array = _pil_to_array(image, convert_rgb)
+    else:
+        array = to_numpy_image(image)
+        _check_dtype(array)
+        if array.ndim == 2:  # (height, width) grayscale
+            array = array[:, :, None]
+        elif array.ndim == 3:
+            data_format = _channel_format(input_data_format) or infer_channel_dimension_format(array)
+            if data_format == CHANNELS_FIRST:
+                array = array.transpose(1, 2, 0)
+        else:
+            raise ValueError(
+                f"an image must have 2 (height, width) or 3 (channels with height, width) dimensions; "
+                f"got {array.ndim} dimensions with shape {tuple(array.shape)}"
+            )
+        if convert_rgb:
+            channels = array.shape[-1]
+            if channels == 1:
+                array = np.repeat(array, 3, axis=-1)
+            elif channels == 4:
+                array = array[:, :, :3]
+            elif channels != 3:
+                raise ValueError(
+                    f"an image with {channels} channels cannot be converted to RGB: expected 1 (grayscale), "
+                    "3 (RGB) or 4 (RGBA) channels; pass do_convert_rgb=False to keep other channel counts"
+                )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"an image has zero height or width (shape {tuple(array.shape)} as height, width, channels)")
+    return array
+
+
+def to_uint8_for_resize(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(H, W, C) image -> (uint8 image, whether it was scaled up from [0, 1] by 255).
+
+    transformers' rule for handing a numpy image to Pillow (``_rescale_for_pil_conversion``):
+    uint8 as is; whole numbers in [0, 255] cast; floats in [0, 1] become
+    ``uint8(float32(float64(x) * 255))``, a truncation, not a rounding. Anything else raises,
+    naming the range found. One extension: non-whole floats within [0, 255] (which transformers
+    refuses) are rounded to the nearest integer.
+    """
+    if image.dtype == np.uint8:
+        return image, False
+    _check_dtype(image)
+    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise ValueError("the image contains NaN or infinite values")
+    low, high = image.min().item(), image.max().item()
+    if np.issubdtype(image.dtype, np.integer):
+        if low >= 0 and high <= 255:
+            return image.astype(np.uint8), False
+        raise ValueError(
+            f"integer image values must lie in [0, 255] to be resized as 8-bit pixels; got the range "
+            f"[{low}, {high}] (dtype {image.dtype}); scale 16-bit data to 8 bits first"
+        )
+    # Whole numbers first, as transformers does: a float image holding only 0.0 and 1.0 is read as
+    # 8-bit values 0 and 1, not as a [0, 1] image.
+    if low >= 0 and high <= 255 and np.allclose(image, image.astype(np.int64)):
+        return image.astype(np.uint8), False
+    if low >= 0 and high <= 1:
+        return (image.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
+    if low >= 0 and high <= 255:
+        return np.rint(image).astype(np.uint8), False
+    raise ValueError(
+        f"float image values must lie in [0, 1] or in [0, 255]; got the range [{low}, {high}] "
+        f"(dtype {image.dtype})"
+    )
+
+
+def resize_with_pillow(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (height, width, C) uint8 by Pillow's ``Image.resize``.
+
+    One channel goes through an "L" image, two through "LA", three "RGB", four "RGBA" (Pillow
+    resizes "LA" / "RGBA" with premultiplied alpha), as transformers' ``to_pil_image`` does.
+    """
+    channels = image.shape[-1]
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(f"Pillow resizes images with 1 to 4 channels; this image has {channels}")
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if channels == 1 else image))
+    resized = np.asarray(pil.resize((width, height), resample=resample))
+    return resized[:, :, None] if resized.ndim == 2 else resized
+
+
+def rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    """``float32(float64(x) * scale)``: transformers multiplies in float64 and casts at the end."""
+    return (image.astype(np.float64) * scale).astype(np.float32)
+
+
+def normalize(image: np.ndarray, mean: float | Sequence[float], std: float | Sequence[float]) -> np.ndarray:
+    """(H, W, C) -> ``(x - mean) / std`` per channel.
+
+    Computed in float32 for integer images and in the image's own float dtype otherwise, with
+    mean and std cast to that dtype first, as transformers' ``normalize`` does.
+    """
+    channels = image.shape[-1]
+    dtype = image.dtype if np.issubdtype(image.dtype, np.floating) else np.dtype(np.float32)
+    mean_array = np.asarray(_per_channel(mean, channels, "image_mean"), dtype=dtype)
+    std_array = np.asarray(_per_channel(std, channels, "image_std"), dtype=dtype)
+    return (image.astype(dtype, copy=False) - mean_array) / std_array
+
+
+def _per_channel(value: float | Sequence[float], channels: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * channels
+    values = list(value)
+    if len(values) != channels:
+        raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
+    return values
+
+
+# --------------------------------------------------------------------------------------------- options
+def _channel_format(value: Any) -> str | None:
+    """"channels_first" / "channels_last" (or transformers' ChannelDimension) -> the string."""
+    if value is None:
+        return None
+    value = getattr(value, "value", value)
+    if value in (CHANNELS_FIRST, CHANNELS_LAST):
+        return value
+    raise ValueError(f"a data format must be 'channels_first' or 'channels_last', got {value!r}")
+
+
+def get_size_dict(size: int | Sequence[int] | Mapping[str, int]) -> dict[str, int]:
+    """The processor's output size as {"height": h, "width": w}.
+
+    Accepts that dict, a legacy int (square, as old feature-extractor files store ``"size": 224``)
+    or a (height, width) pair. ViT resizes to a fixed size only: "shortest_edge" and the like are
+    refused here rather than at the first call.
+    """
+    if isinstance(size, bool):
+        raise ValueError(f"size must be an int, (height, width) or a dict, got {size!r}")
+    if isinstance(size, (int, np.integer)):
+        result = {"height": int(size), "width": int(size)}
+    elif isinstance(size, Mapping):
+        if set(size) != {"height", "width"}:
+            raise ValueError(
+                f"ViTImageProcessor resizes to a fixed size: size must have the keys 'height' and 'width', "
+                f"got {dict(size)}"
+            )
+        result = {"height": int(size["height"]), "width": int(size["width"])}
+    elif isinstance(size, Sequence) and len(size) == 2:
+        result = {"height": int(size[0]), "width": int(size[1])}
+    else:
+        raise ValueError(f"size must be an int, (height, width) or {{'height': h, 'width': w}}, got {size!r}")
+    if result["height"] <= 0 or result["width"] <= 0:
+        raise ValueError(f"size must be positive, got {result}")
+    return result
+
+
+def _resample_int(resample: Any) -> int:
+    value = int(getattr(resample, "value", resample))
+    if value not in RESAMPLE_NAMES:
+        raise ValueError(f"resample must be a Pillow filter {RESAMPLE_NAMES}, got {resample!r}")
+    return value
+
+
+def _mean_std_value(value: float | Sequence[float], name: str) -> float | list[float]:
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return [float(v) for v in value]
+    except TypeError:
+        raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ProcessingOptions:
+    """The options of one call: the processor's own, with the call's overrides applied."""
+
+    do_resize: bool
+    size: dict[str, int]
+    resample: int
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: float | list[float]
+    image_std: float | list[float]
+    convert_rgb: bool  # do_convert_rgb, where None (the default) means True
+    data_format: str
+    input_data_format: str | None
+
+
+# --------------------------------------------------------------------------------------------- output
+class BatchFeature(dict):
+    """A dict of model inputs, also readable by attribute (``batch.pixel_values``).
+
+    ``pixel_values``: (batch, channels, height, width) float32, as the type ``return_tensors``
+    asked for.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchFeature has no entry {name!r}; it has {sorted(self)}") from None
+
+    def to(self, *args: Any, **kwargs: Any) -> "BatchFeature":
+        """Call ``.to(*args, **kwargs)`` on every torch tensor (device / dtype moves); others stay."""
+        for key, value in self.items():
+            if type(value).__module__.startswith("torch") and hasattr(value, "to"):
+                self[key] = value.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}: {type(v).__name__}{tuple(getattr(v, 'shape', ()))}" for k, v in self.items())
+        return f"BatchFeature({parts})"
+
+
+def _import_framework(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"return_tensors needs {module.split('.')[0]}, which is not installed: pip install vitx[{extra}]") from e
+
+
+def convert_to_tensors(pixel_values: np.ndarray | list[np.ndarray], return_tensors: Any) -> Any:
+    """(batch, C, H, W) float32 numpy -> the array type named by return_tensors."""
+    kind = getattr(return_tensors, "value", return_tensors)
+    if kind is None:
+        return pixel_values
+    if kind not in ("np", "pt", "tf", "jax"):
+        raise ValueError(f"return_tensors must be None, 'np', 'pt', 'tf' or 'jax', got {return_tensors!r}")
+    if isinstance(pixel_values, list):
+        shapes = sorted({tuple(p.shape) for p in pixel_values})
+        raise ValueError(
+            f"the processed images have different shapes {shapes} and cannot form one batch for "
+            f"return_tensors={kind!r}; resize them (do_resize=True) or use return_tensors=None for a list"
+        )
+    if kind == "np":
+        return pixel_values
+    if kind == "pt":
+        return _import_framework("torch", "torch").from_numpy(pixel_values)
+    if kind == "tf":
+        return _import_framework("tensorflow", "tf").convert_to_tensor(pixel_values)
+    return _import_framework("jax.numpy", "flax").asarray(pixel_values)
+
+
+# --------------------------------------------------------------------------------------------- processors
+class BaseViTImageProcessor:
+    """Options, ``preprocessor_config.json`` I/O and input preparation shared by the slow and the
+    fast processor; each subclass implements ``preprocess``."""
+
+    model_input_names: ClassVar[list[str]] = ["pixel_values"]
+    # The type written to preprocessor_config.json: transformers' slow class reads every file.
+    config_type: ClassVar[str] = "ViTImageProcessor"
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | Sequence[int] | Mapping[str, int] | None = None,
+        resample: int = 2,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.do_resize = bool(do_resize)
+        self.size = get_size_dict(size if size is not None else {"height": 224, "width": 224})
+        self.resample = _resample_int(resample)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = _mean_std_value(image_mean if image_mean is not None else list(IMAGENET_STANDARD_MEAN), "image_mean")
+        self.image_std = _mean_std_value(image_std if image_std is not None else list(IMAGENET_STANDARD_STD), "image_std")
+        self.do_convert_rgb = do_convert_rgb
+        for key in _DROPPED_KEYS:
+            kwargs.pop(key, None)
+        # Unknown keys of a preprocessor_config.json (processor_class, crop_pct, ...) are kept and
+        # written back; they are readable as attributes, as in transformers.
+        self.extra: dict[str, Any] = dict(kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # ----------------------------------------------------------------------------- options
+    def _resolve_options(
+        self,
+        do_resize: bool | None,
+        size: Any,
+        resample: Any,
+        do_rescale: bool | None,
+        rescale_factor: float | None,
+        do_normalize: bool | None,
+        image_mean: Any,
+        image_std: Any,
+        do_convert_rgb: bool | None,
+        data_format: Any,
+        input_data_format: Any,
+    ) -> ProcessingOptions:
+        def pick(value: Any, own: Any) -> Any:
+            return own if value is None else value
+
+        convert = pick(do_convert_rgb, self.do_convert_rgb)
+        options = ProcessingOptions(
+            do_resize=bool(pick(do_resize, self.do_resize)),
+            size=get_size_dict(pick(size, self.size)),
+            resample=_resample_int(pick(resample, self.resample)),
+            do_rescale=bool(pick(do_rescale, self.do_rescale)),
+            rescale_factor=float(pick(rescale_factor, self.rescale_factor)),
+            do_normalize=bool(pick(do_normalize, self.do_normalize)),
+            image_mean=_mean_std_value(pick(image_mean, self.image_mean), "image_mean"),
+            image_std=_mean_std_value(pick(image_std, self.image_std), "image_std"),
+            convert_rgb=convert is None or bool(convert),
+            data_format=_channel_format(data_format) or CHANNELS_FIRST,
+            input_data_format=_channel_format(input_data_format),
+        )
+        std = options.image_std if isinstance(options.image_std, list) else [options.image_std]
+        if options.do_normalize and any(s == 0 for s in std):
+            raise ValueError(f"image_std must not contain 0, got {options.image_std}")
+        return options
+
+    def _prepare(self, images: ImageInput, options: ProcessingOptions) -> list[np.ndarray]:
+        """Flatten the input and bring every image to (H, W, C) numpy (channels per options)."""
+        arrays = [prepare_image(image, options.convert_rgb, options.input_data_format) for image in _flatten_images(images)]
+        if options.do_rescale and any(
+            np.issubdtype(a.dtype, np.floating) and a.size and a.min() >= 0 and a.max() <= 1 for a in arrays
+        ):
+            warnings.warn(
+                "the images look already rescaled (float values in [0, 1]) and do_rescale=True scales them "
+                "by rescale_factor again, as transformers does; pass do_rescale=False for [0, 1] images",
+                UserWarning,
+                stacklevel=4,
+            )
+        return arrays
+
+    # ----------------------------------------------------------------------------- call
+    def __call__(self, images: ImageInput, return_tensors: Any = None, **overrides: Any) -> BatchFeature:
+        """Preprocess one image or a batch: see ``preprocess``."""
+        return self.preprocess(images, return_tensors=return_tensors, **overrides)
+
+    def preprocess(self, images: ImageInput, **overrides: Any) -> BatchFeature:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- dict / json
+    def to_dict(self) -> dict[str, Any]:
+        """The options as transformers writes them (plus the unknown keys kept on load)."""
+        d: dict[str, Any] = dict(self.extra)
+        for name in _OPTION_NAMES:
+            value = getattr(self, name)
+            d[name] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) else value
+        d["image_processor_type"] = self.config_type
+        return dict(sorted(d.items()))
+
+    def to_json_string(self) -> str:
+        def default(value: Any) -> Any:
+            if isinstance(value, np.ndarray):
+                return value.tolist()
+            if isinstance(value, np.generic):
+                return value.item()
+            raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=default) + "\n"
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> "BaseViTImageProcessor":
+        """Build from a preprocessor_config.json dict; ``overrides`` replace its values."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"an image processor config must be a JSON object, got {type(config).__name__}")
+        fields = dict(config)
+        fields.update(overrides)
+        return cls(**fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BaseViTImageProcessor) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    # ----------------------------------------------------------------------------- files
+    def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
+        """Write ``preprocessor_config.json`` (atomically) into ``save_directory``; returns its path."""
+        directory = pathlib.Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / PREPROCESSOR_CONFIG_NAME
+        write_text_atomic(path, self.to_json_string())
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BaseViTImageProcessor":
+        path = pathlib.Path(path)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(config, **overrides)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> "BaseViTImageProcessor":
+        """Read ``preprocessor_config.json`` from a directory, the json file itself, or a hub id.
+
+        A hub id is fetched with ``huggingface_hub.hf_hub_download`` into its usual cache (or
+        ``cache_dir``), honouring ``HF_HUB_OFFLINE``, ``revision`` and ``token``. Old
+        feature-extractor files (``"feature_extractor_type": "ViTFeatureExtractor"``,
+        ``"size": 224``) are read too. ``overrides`` replace values of the file.
+        """
+        path = pathlib.Path(pretrained_model_name_or_path)
+        if path.is_file():
+            return cls.from_json_file(path, **overrides)
+        if path.is_dir():
+            return cls.from_json_file(path / PREPROCESSOR_CONFIG_NAME, **overrides)
+        import huggingface_hub
+
+        repo_id = str(pretrained_model_name_or_path)
+        try:
+            local = huggingface_hub.hf_hub_download(
+                repo_id, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, token=token,
+                local_files_only=local_files_only,
+            )
+        # huggingface_hub's errors are OSError (HTTP / missing cache entry) or ValueError (bad id).
+        except (OSError, ValueError) as e:
+            raise OSError(
+                f"cannot read {PREPROCESSOR_CONFIG_NAME} for {repo_id!r}: it is not a local directory or file, "
+                f"and the Hugging Face Hub (revision={revision!r}) did not provide it: {e}"
+            ) from e
+        return cls.from_json_file(local, **overrides)
+
+
+class ViTImageProcessor(BaseViTImageProcessor):
+    """transformers' slow ViT image processor on numpy and Pillow (see the module docstring).
+
+    Options (defaults as transformers): do_resize=True, size={"height": 224, "width": 224},
+    resample=2 (Pillow BILINEAR), do_rescale=True, rescale_factor=1/255, do_normalize=True,
+    image_mean=image_std=[0.5, 0.5, 0.5], do_convert_rgb=None (= convert non-RGB images; False
+    keeps an image's own channels).
+    """
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        *,
+        do_resize: bool | None = None,
+        size: Any = None,
+        resample: Any = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
+        return_tensors: Any = None,
+        data_format: Any = CHANNELS_FIRST,
+        input_data_format: Any = None,
+    ) -> BatchFeature:
+        """Images -> ``BatchFeature(pixel_values=...)``.
+
+        ``images``: a PIL image, an (H, W), (H, W, C) or (C, H, W) array (numpy / torch / tf / jax,
+        uint8 or float), a (batch, ...) array, or a list of these. Every other argument overrides
+        the processor's option of that name for this call.
+
+        ``pixel_values``: (batch, channels, height, width) float32 (channels last with
+        ``data_format="channels_last"``), as numpy for ``return_tensors=None`` or "np", torch
+        for "pt", tf for "tf", jax for "jax". With ``do_resize=False`` and images of different
+        sizes, ``return_tensors=None`` gives a list of (channels, height, width) arrays.
+        """
+        options = self._resolve_options(
+            do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+            do_convert_rgb, data_format, input_data_format,
+        )
+        processed = [self._process_one(image, options) for image in self._prepare(images, options)]
+        if options.data_format == CHANNELS_FIRST:
+            processed = [image.transpose(2, 0, 1) for image in processed]
+        if len({image.shape for image in processed}) == 1:
+            pixel_values: np.ndarray | list[np.ndarray] = np.ascontiguousarray(np.stack(processed))
+        else:
+            pixel_values = processed
+        return BatchFeature(pixel_values=convert_to_tensors(pixel_values, return_tensors))
+
+    @staticmethod
+    def _process_one(image: np.ndarray, options: ProcessingOptions) -> np.ndarray:
+        """(H, W, C) -> (height, width, C) float32 through resize, rescale, normalize."""
+        if options.do_resize:
+            pixels, scaled_up = to_uint8_for_resize(image)
+            image = resize_with_pillow(pixels, options.size["height"], options.size["width"], options.resample)
+            if scaled_up:  # back to the [0, 1] range the image came in, as transformers' resize does
+                image = rescale(image, 1 / 255)
+        if options.do_rescale:
+            image = rescale(image, options.rescale_factor)
+        if options.do_normalize:
+            image = normalize(image, options.image_mean, options.image_std)
+        return image.astype(np.float32, copy=False)
+
+
+class ViTFeatureExtractor(ViTImageProcessor):
+    """Deprecated name of ViTImageProcessor (as in transformers); warns once per process."""
+
+    _deprecation_warned: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if not ViTFeatureExtractor._deprecation_warned:
+            ViTFeatureExtractor._deprecation_warned = True
+            warnings.warn(
+                "ViTFeatureExtractor is deprecated and will be removed; use ViTImageProcessor instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+        super().__init__(*args, **kwargs)
+
+
+__all__ = [
+    "BatchFeature",
+    "BaseViTImageProcessor",
+    "ViTFeatureExtractor",
+    "ViTImageProcessor",
+    "PREPROCESSOR_CONFIG_NAME",
+    "infer_channel_dimension_format",
+    "prepare_image",
+]
