@@ -1,0 +1,271 @@
+"""The Flax primitives whose numerics must match vit_core's numpy references, in one place.
+
+Everything that differs between frameworks in primitive behaviour lives here: the activation
+table (exact-erf GELU, not jax's tanh default), the two-pass LayerNorm, the attention softmax in
+float32, the bicubic position-grid resampling (constant matrices, never jax.image.resize), the
+strided patch convolution, pixel shuffle and dropout. Each is tested against vit_core.
+
+Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, FORMATS.md section 4):
+``Linear.kernel`` (in, out), ``Conv2d.kernel`` (kh, kw, in, out), ``LayerNorm.scale``. The one
+rule mapping them to canonical names lives in ``vit_flax.weights``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_core.resample import bicubic_matrix
+
+Array = jax.Array
+DType = jnp.dtype | type
+
+# ----------------------------------------------------------------------------------- activations
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_fast(x: Array) -> Array:
+    """transformers "gelu_fast": the tanh form written as x * 0.7978845608 * (1 + 0.044715 x^2)."""
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def quick_gelu(x: Array) -> Array:
+    """x * sigmoid(1.702 x) (CLIP's)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: Array) -> Array:
+    """Exact GELU with erf. jax.nn.gelu defaults to the tanh form (off by up to 4.7e-4)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): "gelu_new" / "gelu_pytorch_tanh"."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# The same names and formulas as vit_core.activations.ACTIVATIONS (tested against it).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": gelu_exact,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_fast,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """The activation for a config's ``hidden_act`` / ``pooler_act`` name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------- initialisers
+def init_array(init: str, key: Array, shape: tuple[int, ...], std: float) -> Array:
+    """A fresh float32 parameter by the canonical table's ``init`` name (WeightSpec.init).
+
+    "trunc_normal": normal with standard deviation ``std`` cut at +-2 std (no variance correction,
+    unlike jax.nn.initializers.truncated_normal), as vit_torch's nn.init.trunc_normal_(std, -2 std,
+    2 std); "zeros"; "ones".
+    """
+    if init == "trunc_normal":
+        return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+    if init == "zeros":
+        return jnp.zeros(shape, jnp.float32)
+    if init == "ones":
+        return jnp.ones(shape, jnp.float32)
+    raise ValueError(f"unknown initialiser {init!r}; expected 'trunc_normal', 'zeros' or 'ones'")
+
+
+def _placeholder(shape: tuple[int, ...], param_dtype: DType) -> nnx.Param:
+    """A zero parameter; the model classes initialise every parameter from the canonical table."""
+    return nnx.Param(jnp.zeros(shape, param_dtype))
+
+
+# ----------------------------------------------------------------------------------- leaf layers
+class Linear(nnx.Module):
+    """y = x @ kernel + bias (torch.nn.Linear). kernel (in_features, out_features): Flax's layout."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32) -> None:
+        self.kernel = _placeholder((in_features, out_features), param_dtype)
+        self.bias = _placeholder((out_features,), param_dtype) if bias else None
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """(..., in_features) -> (..., out_features), computed in ``dtype``."""
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Conv2d(nnx.Module):
+    """A convolution whose stride equals its kernel, without padding, on NCHW inputs (torch.nn.Conv2d
+    with stride = kernel_size): all ViT needs (the patch projection and the 1x1 SimMIM decoder).
+
+    Computed as non-overlapping patches @ kernel, which equals lax.conv_general_dilated to float
+    rounding (tested) and is one plain matmul for XLA. kernel (kh, kw, in, out) is Flax's HWIO
+    layout. Pixels past the last whole patch are dropped, as a strided convolution does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *,
+                 dtype: DType = jnp.float32, param_dtype: DType = jnp.float32) -> None:
+        kh, kw = kernel_size
+        self.kernel = _placeholder((kh, kw, in_channels, out_channels), param_dtype)
+        self.bias = _placeholder((out_channels,), param_dtype)
+        self.kernel_size = (kh, kw)
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """(batch, in, height, width) -> (batch, out, height // kh, width // kw)."""
+        batch, channels, height, width = x.shape
+        kh, kw = self.kernel_size
+        gh, gw = height // kh, width // kw
+        x = x[:, :, : gh * kh, : gw * kw].astype(self.dtype)
+        patches = x.reshape(batch, channels, gh, kh, gw, kw)
+        # (batch, gh, gw, kh, kw, channels): the kernel's (kh, kw, in) order, flattened for one matmul
+        patches = patches.transpose(0, 2, 4, 3, 5, 1).reshape(batch, gh, gw, kh * kw * channels)
+        kernel = self.kernel[...].astype(self.dtype).reshape(kh * kw * channels, -1)  # (kh * kw * in, out)
+        y = jnp.matmul(patches, kernel) + self.bias[...].astype(self.dtype)  # (batch, gh, gw, out)
+        return y.transpose(0, 3, 1, 2)  # (batch, out, gh, gw)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with a two-pass variance mean((x - mean)^2), as torch computes it.
+
+    flax.nnx.LayerNorm uses E[x^2] - E[x]^2, which loses digits when the mean is large. The
+    statistics and the normalisation run in float32 whatever the compute dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, *, dtype: DType = jnp.float32,
+                 param_dtype: DType = jnp.float32) -> None:
+        self.scale = _placeholder((hidden_size,), param_dtype)
+        self.bias = _placeholder((hidden_size,), param_dtype)
+        self.eps = float(eps)
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """(..., hidden) -> (..., hidden)."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)  # biased, two-pass
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def layer_norm(hidden_size: int, eps: float, *, dtype: DType, param_dtype: DType) -> LayerNorm:
+    """The model's LayerNorm; eps always comes from the config (1e-12 for transformers checkpoints,
+    1e-6 for timm / JAX originals), never a framework default."""
+    return LayerNorm(hidden_size, eps, dtype=dtype, param_dtype=param_dtype)
+
+
+def patch_projection(num_channels: int, hidden_size: int, patch_hw: tuple[int, int], *, dtype: DType,
+                     param_dtype: DType) -> Conv2d:
+    """The patch embedding: a convolution with kernel = stride = patch size; kernel (ph, pw, channels, hidden)."""
+    return Conv2d(num_channels, hidden_size, patch_hw, dtype=dtype, param_dtype=param_dtype)
+
+
+# ----------------------------------------------------------------------------------- attention
+def eager_attention(query: Array, key: Array, value: Array, scaling: float, head_mask: Array | None,
+                    dropout_prob: float, dropout_rng: Array | None) -> tuple[Array, Array]:
+    """Attention written out, returning the probabilities.
+
+    query/key/value (batch, tokens, heads, head_dim) (jax.nn.dot_product_attention's layout);
+    head_mask broadcastable to (batch, heads, tokens, tokens) or None. The scores and the softmax
+    are float32 whatever the input dtype. As in transformers, dropout then the head mask act on
+    the probabilities, and those are returned. Returns context (batch, tokens, heads, head_dim) and
+    probabilities (batch, heads, tokens, tokens) in the query's dtype.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scaling
+    probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)  # (batch, heads, tokens, tokens)
+    probs = dropout(probs, dropout_prob, dropout_rng)
+    if head_mask is not None:
+        probs = probs * head_mask.astype(probs.dtype)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # (batch, tokens, heads, head_dim)
+    return context, probs
+
+
+def fused_attention(query: Array, key: Array, value: Array, scaling: float) -> Array:
+    """jax.nn.dot_product_attention: same shapes as :func:`eager_attention`, no probabilities.
+
+    Its XLA implementation computes the scores with float32 accumulation and the softmax in
+    float32 for bfloat16 / float16 inputs. It has no dropout: training with attention dropout
+    takes the eager path.
+    """
+    return jax.nn.dot_product_attention(query, key, value, scale=scaling)
+
+
+# ----------------------------------------------------------------------------------- other ops
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; the identity when ``rng`` is None (inference) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def split_rng(rng: Array | None, n: int) -> list[Array | None]:
+    """n independent keys from one (or n Nones when there is no key: no dropout)."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+@lru_cache(maxsize=64)
+def _bicubic_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
+    return bicubic_matrix(in_size, out_size, dtype=np.float32)
+
+
+def resample_position_grid(patch_pos_embed: Array, grid_hw: tuple[int, int], out_hw: tuple[int, int]) -> Array:
+    """Bicubic resampling of the patch rows of a position table, as ``M_h @ grid @ M_w.T``.
+
+    patch_pos_embed (1, gh * gw, dim) -> (1, out_h * out_w, dim), computed in float32 and returned
+    in the input dtype. The kernel is torch's bicubic interpolate (a = -0.75, align_corners=False,
+    no antialiasing; jax.image.resize uses a = -0.5 and antialiases): vit_core.resample's constant
+    matrices, built with numpy at trace time, applied with two matmuls at full float32 precision.
+    """
+    gh, gw = grid_hw
+    out_h, out_w = out_hw
+    dim = patch_pos_embed.shape[-1]
+    grid = patch_pos_embed.reshape(gh, gw, dim).astype(jnp.float32)  # (gh, gw, dim)
+    matrix_h = jnp.asarray(_bicubic_matrix_f32(gh, out_h))  # (out_h, gh)
+    matrix_w = jnp.asarray(_bicubic_matrix_f32(gw, out_w))  # (out_w, gw)
+    highest = jax.lax.Precision.HIGHEST
+    rows = jnp.einsum("og,gwd->owd", matrix_h, grid, precision=highest)  # (out_h, gw, dim)
+    resampled = jnp.einsum("pw,owd->opd", matrix_w, rows, precision=highest)  # (out_h, out_w, dim)
+    return resampled.reshape(1, out_h * out_w, dim).astype(patch_pos_embed.dtype)
+
+
+def pixel_shuffle(x: Array, upscale_factor: int) -> Array:
+    """(batch, c * r * r, h, w) -> (batch, c, h * r, w * r), torch.nn.PixelShuffle's channel order."""
+    batch, crr, height, width = x.shape
+    r = upscale_factor
+    channels = crr // (r * r)
+    x = x.reshape(batch, channels, r, r, height, width)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(batch, channels, height * r, width * r)
+
+
+class PixelShuffle(nnx.Module):
+    """torch.nn.PixelShuffle as a parameter-free module (decoder.1 of the SimMIM head)."""
+
+    def __init__(self, upscale_factor: int) -> None:
+        self.upscale_factor = upscale_factor
+
+    def __call__(self, x: Array) -> Array:
+        """(batch, c * r * r, h, w) -> (batch, c, h * r, w * r)."""
+        return pixel_shuffle(x, self.upscale_factor)
