@@ -1,0 +1,239 @@
+"""The TensorFlow primitives whose numerics must match vit_core's numpy references.
+
+Everything that differs between frameworks in how a ViT computes lives here, in one small place:
+the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
+of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_tf.py
+checks each against vit_core.
+
+Leaf layers (``Dense``, ``LayerNorm``, ``Conv2d``) create their weights in ``__init__`` (shapes are
+known from the config), named ``weight`` / ``bias`` like the canonical names; the layouts are
+TensorFlow's: Dense ``weight`` is (in, out), Conv2d ``weight`` is HWIO (kh, kw, in, out).
+vit_tf/weights.py converts by kind. Values start at zero: the model classes initialise every
+weight from the canonical table (weights.init_weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vit_core.resample import bicubic_matrix as numpy_bicubic_matrix
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: tf.Tensor) -> tf.Tensor:
+    """Exact GELU, x * Phi(x) with erf (transformers "gelu")."""
+    return 0.5 * x * (1.0 + tf.math.erf(x / tf.cast(math.sqrt(2.0), x.dtype)))
+
+
+def gelu_new(x: tf.Tensor) -> tf.Tensor:
+    """tanh approximation ("gelu_new", "gelu_pytorch_tanh"; the original JAX ViT's)."""
+    return 0.5 * x * (1.0 + tf.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+
+
+def gelu_fast(x: tf.Tensor) -> tf.Tensor:
+    """transformers "gelu_fast": the tanh GELU with the constant written as 0.7978845608."""
+    return 0.5 * x * (1.0 + tf.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def quick_gelu(x: tf.Tensor) -> tf.Tensor:
+    """x * sigmoid(1.702 x) (CLIP's)."""
+    return x * tf.sigmoid(1.702 * x)
+
+
+def silu(x: tf.Tensor) -> tf.Tensor:
+    return x * tf.sigmoid(x)
+
+
+# config.hidden_act / config.pooler_act -> function. Same names and formulas as
+# vit_core.activations.ACTIVATIONS (the float64 references these are tested against).
+ACTIVATIONS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "gelu": gelu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu_fast": gelu_fast,
+    "quick_gelu": quick_gelu,
+    "relu": tf.nn.relu,
+    "silu": silu,
+    "swish": silu,
+    "tanh": tf.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The activation called ``name`` in a ViT config (ValueError for an unknown name)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+# ------------------------------------------------------------------------------ leaf layers
+class Dense(keras.Layer):
+    """y = x @ weight + bias; weight (in_features, out_features) (TF layout of a canonical "linear")."""
+
+    def __init__(self, in_features: int, out_features: int, use_bias: bool = True, *, dtype: str, name: str) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = self.add_weight(shape=(in_features, out_features), initializer="zeros", name="weight")
+        self.bias = self.add_weight(shape=(out_features,), initializer="zeros", name="bias") if use_bias else None
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        """(..., in) -> (..., out)."""
+        y = tf.matmul(x, self.weight) if x.shape.rank == 2 else tf.tensordot(x, self.weight, axes=1)
+        return y if self.bias is None else y + self.bias
+
+
+class LayerNorm(keras.Layer):
+    """LayerNorm over the last axis with the config's eps and torch's two-pass (biased) variance.
+
+    Computed in float32 whatever the compute dtype (bfloat16 / float16 statistics lose digits),
+    then cast back. keras.layers.LayerNormalization is not used: its eps default and its
+    fused-moments path are framework choices; this one is written out to match the reference.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, *, dtype: str, name: str) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.eps = float(eps)
+        self.weight = self.add_weight(shape=(hidden_size,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(hidden_size,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        """(..., hidden) -> (..., hidden)."""
+        x32 = tf.cast(x, tf.float32)
+        mean = tf.reduce_mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)  # two-pass, as torch
+        normed = centered * tf.math.rsqrt(variance + self.eps)
+        out = normed * tf.cast(self.weight, tf.float32) + tf.cast(self.bias, tf.float32)
+        return tf.cast(out, x.dtype)
+
+
+class Conv2d(keras.Layer):
+    """Convolution with kernel = stride (the patch embedding, and SimMIM's 1x1 decoder).
+
+    Input and output are NHWC (TensorFlow's CPU convolution supports no other layout); weight is
+    HWIO (kh, kw, in, out). VALID padding: pixels past the last whole patch are dropped, as the
+    canonical (PyTorch) convolution does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_hw: tuple[int, int], *, dtype: str, name: str) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.kernel_hw = tuple(kernel_hw)
+        self.weight = self.add_weight(shape=(*self.kernel_hw, in_channels, out_channels), initializer="zeros",
+                                      name="weight")
+        self.bias = self.add_weight(shape=(out_channels,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        """(batch, height, width, in) -> (batch, height // kh, width // kw, out)."""
+        y = tf.nn.conv2d(x, self.weight, strides=(1, *self.kernel_hw, 1), padding="VALID")
+        return tf.nn.bias_add(y, self.bias)
+
+
+def layer_norm(hidden_size: int, eps: float, *, dtype: str, name: str) -> LayerNorm:
+    """The LayerNorm of a ViT block; eps always comes from the config (1e-12 for transformers
+    checkpoints, 1e-6 for timm / JAX originals), never a framework default."""
+    return LayerNorm(hidden_size, eps, dtype=dtype, name=name)
+
+
+def patch_projection(num_channels: int, hidden_size: int, patch_hw: tuple[int, int], *, dtype: str) -> Conv2d:
+    """The patch embedding: a convolution with kernel = stride = patch size, HWIO weight (ph, pw, C, D)."""
+    return Conv2d(num_channels, hidden_size, patch_hw, dtype=dtype, name="projection")
+
+
+# ------------------------------------------------------------------------------ attention
+def eager_attention(
+    query: tf.Tensor,
+    key: tf.Tensor,
+    value: tf.Tensor,
+    scaling: float,
+    head_mask: tf.Tensor | None,
+    dropout: Callable[[tf.Tensor], tf.Tensor] | None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Attention written out, returning the probabilities.
+
+    query/key/value (batch, heads, tokens, head_dim); head_mask broadcastable to
+    (batch, heads, tokens, tokens) or None; ``dropout`` applied to the probabilities (training).
+    Returns context (batch, heads, tokens, head_dim) and probabilities (batch, heads, tokens, tokens)
+    after dropout and head mask, as transformers'. The scores are upcast and the softmax runs in
+    float32 whatever the compute dtype (bfloat16 / float16 logits lose the tail).
+    """
+    scores = tf.matmul(query, key, transpose_b=True)  # (batch, heads, tokens, tokens)
+    scores = tf.cast(scores, tf.float32) * scaling
+    probs = tf.cast(tf.nn.softmax(scores, axis=-1), query.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    if head_mask is not None:
+        probs = probs * head_mask
+    context = tf.matmul(probs, value)  # (batch, heads, tokens, head_dim)
+    return context, probs
+
+
+def fused_attention(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, scaling: float) -> tf.Tensor:
+    """The same attention without materialising per-head probabilities for the caller.
+
+    TensorFlow has no fused attention kernel on CPU; keras.ops.dot_product_attention lowers to two
+    einsums with (batch, tokens, heads, head_dim) operands, which measured slower here than the
+    batched matmuls below (benchmarks/tf_speed.py --attention). The fused path's gain comes from
+    ViTSelfAttention projecting query, key and value with one matmul. Same shapes as
+    :func:`eager_attention`, no probabilities; softmax in float32.
+    """
+    scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) * scaling
+    probs = tf.cast(tf.nn.softmax(scores, axis=-1), query.dtype)
+    return tf.matmul(probs, value)  # (batch, heads, tokens, head_dim)
+
+
+# ------------------------------------------------------------------------------ position grid
+def bicubic_matrix(in_size: int, out_size: int) -> tf.Tensor:
+    """vit_core.resample.bicubic_matrix as a float32 constant (built with numpy at trace time:
+    sizes are static in a ViT graph, so XLA sees a constant)."""
+    return tf.constant(numpy_bicubic_matrix(in_size, out_size, dtype=np.float32))
+
+
+def resample_position_grid(patch_pos_embed: tf.Tensor, grid_hw: tuple[int, int], out_hw: tuple[int, int]) -> tf.Tensor:
+    """Bicubic resampling of the patch rows of a position table, as ``M_h @ grid @ M_w.T``.
+
+    patch_pos_embed (1, gh * gw, dim) -> (1, out_h * out_w, dim), computed in float32 and returned
+    in the input dtype. The kernel is torch's bicubic interpolate (a = -0.75, align_corners=False,
+    no antialiasing), the one transformers >= 4.45 PyTorch uses; tf.image.resize's bicubic
+    (a = -0.5) is a different kernel and is not used.
+    """
+    gh, gw = grid_hw
+    out_h, out_w = out_hw
+    dim = patch_pos_embed.shape[-1]
+    grid = tf.reshape(tf.cast(patch_pos_embed, tf.float32), (gh, gw, dim))  # (gh, gw, dim)
+    matrix_h = bicubic_matrix(gh, out_h)  # (out_h, gh)
+    matrix_w = bicubic_matrix(gw, out_w)  # (out_w, gw)
+    rows = tf.einsum("og,gwd->owd", matrix_h, grid)  # (out_h, gw, dim)
+    resampled = tf.einsum("pw,owd->opd", matrix_w, rows)  # (out_h, out_w, dim)
+    return tf.cast(tf.reshape(resampled, (1, out_h * out_w, dim)), patch_pos_embed.dtype)
+
+
+class PixelShuffle(keras.Layer):
+    """SimMIM's pixel shuffle, from channels-last tokens to an NCHW image.
+
+    (batch, gh, gw, channels * r * r) -> (batch, channels, gh * r, gw * r); channel
+    c * r * r + i * r + j lands at (gh * r + i, gw * r + j), as torch.nn.PixelShuffle.
+    """
+
+    def __init__(self, upscale_factor: int, *, dtype: str, name: str) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.upscale_factor = upscale_factor
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        r = self.upscale_factor
+        batch_size = tf.shape(x)[0]
+        gh, gw, crr = x.shape[1], x.shape[2], x.shape[3]
+        channels = crr // (r * r)
+        x = tf.reshape(x, (batch_size, gh, gw, channels, r, r))
+        x = tf.transpose(x, (0, 3, 1, 4, 2, 5))  # (batch, channels, gh, r, gw, r)
+        return tf.reshape(x, (batch_size, channels, gh * r, gw * r))
