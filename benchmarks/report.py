@@ -1,0 +1,181 @@
+"""Derived numbers (ceilings, MFU, ratio to the fastest peer, targets) and the markdown table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import model_flops
+
+# Issue #6 targets (on this machine, same run).
+RATIO_TARGET = {"torch/float32": 2.0}   # PyTorch float32: the oneDNN prepacked path
+RATIO_TARGET_DEFAULT = 1.2              # every other framework and dtype
+MFU_TARGET = {"float32": 0.85, "bfloat16": 0.75}  # ViT-B/16 batch 32
+MFU_CELL = ("B/16", 32)
+FP32_LOGITS_BOUND = 1e-4                # NUMERICS.md, ViT-B/16-size logits vs the float64 reference
+BF16_LOGITS_BOUND = 1e-1                # issue #6: bfloat16 logits vs float32 / reference
+GEMM_FOR = {"torch": "torch", "tf": "tf", "flax": "xla"}
+
+
+def gemm_ceilings(gemm: dict[str, Any]) -> dict[str, Any]:
+    """Best GFLOP/s per (framework, dtype) over methods and shapes, and the machine's float32
+    ceiling (the best float32 rate of any framework)."""
+    per: dict[str, dict[str, float]] = {}
+    for fw, result in gemm.items():
+        for row in result.get("rows", []):
+            best = per.setdefault(fw, {})
+            best[row["dtype"]] = max(best.get(row["dtype"], 0.0), row["gflops"])
+    fp32 = [rates["float32"] for rates in per.values() if "float32" in rates]
+    return {"per_framework": per, "machine_float32_gflops": max(fp32) if fp32 else None}
+
+
+def _ceiling_for(cell: dict[str, Any], ceilings: dict[str, Any]) -> float | None:
+    if cell["dtype"] == "float32":
+        return ceilings["machine_float32_gflops"]
+    return ceilings["per_framework"].get(GEMM_FOR[cell["framework"]], {}).get(cell["dtype"])
+
+
+def evaluate(report: dict[str, Any]) -> dict[str, Any]:
+    """Annotate every speed cell with GFLOP/s, MFU and (vitx) the ratio to the fastest peer of its
+    framework; list every target a vitx framework misses."""
+    ceilings = gemm_ceilings(report.get("gemm", {}))
+    ok = [c for c in report.get("speed", []) if "error" not in c]
+    for cell in ok:
+        cell["gflops"] = cell["images_per_s"] * model_flops(cell["model"]) / 1e9
+        ceiling = _ceiling_for(cell, ceilings)
+        cell["mfu"] = cell["gflops"] / ceiling if ceiling else None
+    for cell in ok:
+        if not cell["vitx"]:
+            continue
+        peers = [c for c in ok if not c["vitx"] and all(c[k] == cell[k] for k in ("framework", "model", "dtype", "batch"))]
+        if peers:
+            best = max(peers, key=lambda c: c["images_per_s"])
+            cell["fastest_peer"] = best["entry"]
+            cell["fastest_peer_images_per_s"] = best["images_per_s"]
+            cell["ratio_to_fastest_peer"] = cell["images_per_s"] / best["images_per_s"]
+
+    below: list[dict[str, Any]] = []
+    keys = sorted({(c["framework"], c["model"], c["dtype"], c["batch"]) for c in ok if c["vitx"]},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    for fw, model, dtype, batch in keys:
+        vitx = [c for c in ok if c["vitx"] and (c["framework"], c["model"], c["dtype"], c["batch"]) == (fw, model, dtype, batch)]
+        best = max(vitx, key=lambda c: c["images_per_s"])
+        where = dict(framework=fw, model=model, dtype=dtype, batch=batch, entry=best["entry"])
+        target = RATIO_TARGET.get(f"{fw}/{dtype}", RATIO_TARGET_DEFAULT)
+        ratio = best.get("ratio_to_fastest_peer")
+        if ratio is not None and ratio < target:
+            below.append(dict(where, target=f"ratio >= {target}", value=round(ratio, 3),
+                              detail=f"{best['images_per_s']:.2f} img/s vs {best['fastest_peer']} "
+                                     f"{best['fastest_peer_images_per_s']:.2f}"))
+        if (model, batch) == MFU_CELL and best.get("mfu") is not None and best["mfu"] < MFU_TARGET[dtype]:
+            below.append(dict(where, target=f"MFU >= {MFU_TARGET[dtype]:.0%}", value=round(best["mfu"], 3),
+                              detail=f"{best['gflops']:.0f} GFLOP/s"))
+    for cell in ok:
+        if not cell["vitx"]:
+            continue
+        bound = FP32_LOGITS_BOUND if cell["dtype"] == "float32" else BF16_LOGITS_BOUND
+        if cell["logits_max_abs_diff"] > bound or not cell["top1_matches_reference"]:
+            below.append(dict(framework=cell["framework"], model=cell["model"], dtype=cell["dtype"], batch=cell["batch"],
+                              entry=cell["entry"], target=f"logits within {bound:g} of the reference, same top-1",
+                              value=cell["logits_max_abs_diff"], detail=f"top-1 match: {cell['top1_matches_reference']}"))
+    errors = [dict(entry=c.get("entry"), model=c.get("model"), dtype=c.get("dtype"), batch=c.get("batch"),
+                   error=c["error"][:300]) for c in report.get("speed", []) + report.get("cold", []) if "error" in c]
+    return {"ceilings": ceilings, "below_target": below, "errors": errors}
+
+
+# -------------------------------------------------------------------------------------- markdown
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    machine = report["machine"]
+    settings = report["settings"]
+    lines += [f"# vitx benchmark ({report['started']})", "",
+              f"{machine['cpu']}, {machine['cores']} cores, {settings['threads']} threads per framework; "
+              f"load average at start {tuple(round(x, 2) for x in machine['load_average_at_start'])}, "
+              f"at end {tuple(round(x, 2) for x in machine.get('load_average_at_end', (0, 0, 0)))}. "
+              f"Median of >= {settings['min_runs']} calls and >= {settings['min_time_s']} s after warm-up, "
+              "each cell a fresh process.", ""]
+
+    ceilings = report.get("ceilings", {})
+    if report.get("gemm"):
+        lines += ["## GEMM throughput (GFLOP/s, best over shapes)", "",
+                  "| framework | method | float32 | bfloat16 |", "|---|---|---:|---:|"]
+        for fw, result in report["gemm"].items():
+            if "error" in result:
+                lines.append(f"| {fw} | error: {result['error'][:80]} | | |")
+                continue
+            methods: dict[str, dict[str, float]] = {}
+            for row in result["rows"]:
+                m = methods.setdefault(row["method"], {})
+                m[row["dtype"]] = max(m.get(row["dtype"], 0.0), row["gflops"])
+            for method, rates in methods.items():
+                lines.append(f"| {fw} | {method} | {_fmt(rates.get('float32'), '.0f')} | {_fmt(rates.get('bfloat16'), '.0f')} |")
+        lines += ["", f"Machine float32 ceiling: **{_fmt(ceilings.get('machine_float32_gflops'), '.0f')} GFLOP/s**. "
+                  "MFU = model GFLOP/s / that ceiling in float32, / the framework's own best bfloat16 rate in bfloat16.", ""]
+
+    speed = report.get("speed", [])
+    if speed:
+        lines += ["## Images per second", "",
+                  "Cell: images/s · ratio to the fastest peer of the same framework (vitx rows) · MFU · peak RSS MB.", ""]
+        for model in settings["models"]:
+            for dtype in settings["dtypes"]:
+                cells = [c for c in speed if c.get("model") == model and c.get("dtype") == dtype]
+                if not cells:
+                    continue
+                batches = settings["batches"]
+                lines += [f"### ViT-{model} {dtype}", "",
+                          "| entry | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                          "|---|" + "---:|" * len(batches)]
+                for fw in ("torch", "tf", "flax"):
+                    names = [n for n in settings["entries"] if any(c["entry"] == n and c.get("framework") == fw for c in cells)]
+                    for name in names:
+                        row = [f"**{name}**" if name.startswith("vitx") else name]
+                        for b in batches:
+                            cell = next((c for c in cells if c["entry"] == name and c["batch"] == b), None)
+                            row.append(_cell(cell))
+                        lines.append("| " + " | ".join(row) + " |")
+                lines.append("")
+
+    cold = report.get("cold", [])
+    if cold:
+        lines += ["## Cold start (from_pretrained + one batch-1 call, fresh process)", "",
+                  "| model | entry | import s | from_pretrained s | first call s | time to first logits s | process wall s | peak RSS MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for c in cold:
+            if "error" in c:
+                lines.append(f"| {c['model']} | {c['entry']} | error: {c['error'][:100]} | | | | | |")
+                continue
+            lines.append(f"| {c['model']} | {c['entry']} | {c['import_s']:.2f} | {c['from_pretrained_s']:.2f} | "
+                         f"{c['first_call_s']:.2f} | {c['time_to_first_logits_s']:.2f} | {c['process_wall_s']:.2f} | "
+                         f"{c['peak_rss_mb']:.0f} |")
+        lines.append("")
+
+    below = report.get("below_target", [])
+    lines += ["## Below target", ""]
+    if not below:
+        lines.append("None of the measured cells is below target." if speed else "No speed cells measured.")
+    for b in below:
+        lines.append(f"- {b['framework']} {b['model']} {b['dtype']} batch {b['batch']} ({b['entry']}): "
+                     f"{b['target']}, got {b['value']} — {b['detail']}")
+    if report.get("errors"):
+        lines += ["", "## Errors", ""]
+        for e in report["errors"]:
+            lines.append(f"- {e['entry']} {e['model']} {e['dtype']} batch {e['batch']}: {e['error']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return ""
+    if "error" in cell:
+        return "error"
+    parts = [f"{cell['images_per_s']:.2f}"]
+    if cell.get("ratio_to_fastest_peer") is not None:
+        parts.append(f"{cell['ratio_to_fastest_peer']:.2f}x")
+    if cell.get("mfu") is not None:
+        parts.append(f"{cell['mfu']:.0%}")
+    parts.append(f"{cell['peak_rss_mb']:.0f} MB")
+    return " · ".join(parts)

@@ -1,0 +1,192 @@
+"""The vitx benchmark harness (issue #6): vitx against its peers, per framework, side by side.
+
+    python -m benchmarks.run [--quick] [--models S/16,B/16] [--batches 1,8,32]
+                             [--dtypes float32,bfloat16] [--only vitx-torch-*,hf5-*]
+                             [--skip-gemm] [--skip-cold] [--threads N] [--out PATH]
+
+Every measurement is a fresh child process (``benchmarks.worker`` / ``benchmarks.gemm``), run one
+at a time, with the thread pools of torch / TF / XLA (and OpenMP, MKL) set to ``--threads``
+(default: the machine's cores). Each timed cell warms up (the first call compiles or traces), then
+takes the median of at least ``--min-runs`` calls and ``--min-time`` seconds. Peers run on the
+same checkpoint and the same input images (benchmarks/fixtures.py); every cell's logits for image
+0 are checked against the float64 numpy reference, so a wrong or mis-loaded model shows up.
+
+Writes ``benchmarks/results/bench-<time>.json`` and ``.md`` (and ``latest.json`` / ``latest.md``)
+and prints the markdown. The machine's load average is recorded before and after every child:
+timings taken while other work runs on the same cores are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fnmatch
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .common import RESULTS_DIR, cpu_name, load_average, model_flops, parse_emitted, thread_env
+from .entries import ENTRIES
+from .report import evaluate, render_markdown
+from .worker import COLD
+
+DEFAULT_MODELS = ["S/16", "B/16"]
+DEFAULT_BATCHES = [1, 8, 32]
+DEFAULT_DTYPES = ["float32", "bfloat16"]
+CHILD_TIMEOUT_S = 1800
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _selected(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _python_for(venv: str) -> tuple[str, dict[str, str]]:
+    """The interpreter and base environment of a venv ("main" runs this interpreter)."""
+    env = dict(os.environ)
+    if venv == "main":
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH", "")]))
+        return sys.executable, env
+    from .peers import ensure_peers_venv, peers_env
+
+    return str(ensure_peers_venv()), peers_env(env)
+
+
+def run_child(venv: str, module: str, args: list[str], threads: int, timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process; return its emitted result (or an error)."""
+    try:
+        python, env = _python_for(venv)
+    except Exception as exc:  # the peers venv could not be created (offline machine...)
+        return {"error": f"{venv} venv unavailable: {exc}"[:2000]}
+    env.update(thread_env(threads))
+    command = [python, "-m", module, *args]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    wall = time.perf_counter() - started
+    result = parse_emitted(done.stdout)
+    if result is None:
+        tail = (done.stderr or done.stdout)[-1500:]
+        return {"error": f"child exited {done.returncode} without a result: {tail}", "process_wall_s": wall}
+    if "error" in result:
+        result["stderr_tail"] = done.stderr[-1500:]
+    result["process_wall_s"] = wall
+    return result
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny model, batch 1, float32, few runs, small GEMMs")
+    parser.add_argument("--models", type=_split, default=None, help="comma list: S/16,B/16")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in _split(s)], default=None)
+    parser.add_argument("--dtypes", type=_split, default=None, help="comma list: float32,bfloat16")
+    parser.add_argument("--only", type=_split, default=None,
+                        help="entry names or globs (also filters cold-start entries): vitx-torch-*,hf5-*")
+    parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--min-runs", type=int, default=None)
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per cell")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<time>.json)")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    models = args.models or (["tiny"] if quick else DEFAULT_MODELS)
+    batches = args.batches or ([1] if quick else DEFAULT_BATCHES)
+    dtypes = args.dtypes or (["float32"] if quick else DEFAULT_DTYPES)
+    min_runs = args.min_runs or (3 if quick else 5)
+    min_time = args.min_time if args.min_time is not None else (0.05 if quick else 3.0)
+    max_time = 1.0 if quick else max(20.0, min_time)
+    entries = [e for e in ENTRIES.values() if _selected(e.name, args.only)]
+    cold_entries = [name for name in COLD if _selected(name, args.only)] if not args.skip_cold else []
+    frameworks = sorted({e.framework for e in entries} | {COLD[n][0] for n in cold_entries})
+
+    from .fixtures import ensure_fixtures
+
+    for model in models:
+        _log(f"fixtures for {model}: {ensure_fixtures(model)}")
+
+    started = _dt.datetime.now()
+    report: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "load_average_at_start": load_average()},
+        "settings": {"quick": quick, "models": models, "batches": batches, "dtypes": dtypes,
+                     "threads": args.threads, "min_runs": min_runs, "min_time_s": min_time,
+                     "max_time_s": max_time, "entries": [e.name for e in entries], "cold_entries": cold_entries},
+        "model_gflops_per_image": {m: model_flops(m) / 1e9 for m in models},
+        "gemm": {}, "speed": [], "cold": [],
+    }
+
+    if not args.skip_gemm:
+        gemm_frameworks = sorted({{"flax": "xla"}.get(f, f) for f in frameworks})
+        for fw in gemm_frameworks:
+            _log(f"GEMM throughput: {fw}")
+            extra = ["--quick"] if quick else []
+            report["gemm"][fw] = run_child("main", "benchmarks.gemm", [fw, "--threads", str(args.threads), *extra],
+                                           args.threads, CHILD_TIMEOUT_S)
+
+    if not args.skip_speed:
+        cells = [(m, d, b, e) for m in models for d in dtypes for b in batches for e in entries]
+        for i, (model, dtype, batch, entry) in enumerate(cells, 1):
+            _log(f"[{i}/{len(cells)}] {entry.name} {model} {dtype} batch {batch}")
+            result = run_child(entry.venv, "benchmarks.worker", [
+                "speed", "--entry", entry.name, "--model", model, "--dtype", dtype, "--batch", str(batch),
+                "--threads", str(args.threads), "--min-runs", str(min_runs), "--min-time", str(min_time),
+                "--max-time", str(max_time)], args.threads, CHILD_TIMEOUT_S)
+            result.update({"entry": entry.name, "framework": entry.framework, "vitx": entry.vitx,
+                           "model": model, "dtype": dtype, "batch": batch})
+            if "error" in result:
+                _log(f"    error: {result['error'][:300]}")
+            else:
+                _log(f"    {result['images_per_s']:.2f} img/s, logits diff {result['logits_max_abs_diff']:.1e}")
+            report["speed"].append(result)
+
+    for model in models if cold_entries else []:
+        for name in cold_entries:
+            framework, venv, vitx, _ = COLD[name]
+            _log(f"cold start: {name} {model}")
+            result = run_child(venv, "benchmarks.worker", ["cold", "--entry", name, "--model", model,
+                                                           "--threads", str(args.threads)], args.threads, CHILD_TIMEOUT_S)
+            result.update({"entry": name, "framework": framework, "vitx": vitx, "model": model})
+            report["cold"].append(result)
+
+    report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    report["machine"]["load_average_at_end"] = load_average()
+    report.update(evaluate(report))
+    markdown = render_markdown(report)
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = started.strftime("bench-%Y%m%d-%H%M%S") + ("-quick" if quick else "")
+    json_path = args.out or str(RESULTS_DIR / f"{stem}.json")
+    md_path = os.path.splitext(json_path)[0] + ".md"
+    for path, text in ((json_path, json.dumps(report, indent=1)), (md_path, markdown)):
+        with open(path, "w") as handle:
+            handle.write(text)
+    if args.out is None:
+        for name, text in (("latest.json", json.dumps(report, indent=1)), ("latest.md", markdown)):
+            (RESULTS_DIR / name).write_text(text)
+    print(markdown)
+    _log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""One measurement, run by the harness in a fresh child process.
+
+    python -m benchmarks.worker speed --entry vitx-torch-sdpa --model B/16 --dtype float32 --batch 8
+    python -m benchmarks.worker cold --entry vitx-torch --model B/16
+
+Prints one ``BENCH_RESULT {json}`` line (benchmarks.common.emit). The parent sets the thread
+environment before this process starts; here the framework's own thread pools are pinned too.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .common import (  # noqa: E402
+    emit,
+    fixture_dir,
+    load_average,
+    load_inputs,
+    peak_rss_mb,
+    set_threads,
+    time_calls,
+    versions,
+)
+
+FRAMEWORK_MODULES = ["torch", "tensorflow", "keras", "tf_keras", "jax", "jaxlib", "flax", "transformers", "timm", "numpy"]
+
+
+def logits_check(logits: np.ndarray, model: str) -> dict[str, Any]:
+    """Image 0's logits against the float64 reference: max |diff| and whether top-1 agrees."""
+    reference = np.load(fixture_dir(model) / "reference_logits.npy")
+    got = np.asarray(logits[0], dtype=np.float64)
+    return {"logits_max_abs_diff": float(np.max(np.abs(got - reference))),
+            "top1_matches_reference": bool(int(np.argmax(got)) == int(np.argmax(reference)))}
+
+
+def run_speed(args: argparse.Namespace) -> dict[str, Any]:
+    from .entries import ENTRIES
+
+    entry = ENTRIES[args.entry]
+    set_threads(entry.framework, args.threads)
+    pixels = load_inputs(args.model, args.batch)
+    t0 = time.perf_counter()
+    call = entry.builder(fixture_dir(args.model), args.model, args.dtype, pixels)
+    setup_s = time.perf_counter() - t0
+    timing = time_calls(call, min_runs=args.min_runs, min_time_s=args.min_time, max_runs=args.max_runs,
+                        max_time_s=args.max_time)
+    logits = call()
+    result = {
+        "kind": "speed", "entry": args.entry, "framework": entry.framework, "vitx": entry.vitx,
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+        "setup_s": setup_s, "first_call_s": timing.first_call_s, "warmup_calls": timing.warmup_calls,
+        "times_s": timing.times, "median_s": timing.median_s, "runs": len(timing.times),
+        "images_per_s": args.batch / timing.median_s,
+        "peak_rss_mb": peak_rss_mb(), "versions": versions(FRAMEWORK_MODULES),
+    }
+    result.update(logits_check(logits, args.model))
+    return result
+
+
+# ----------------------------------------------------------------------------------- cold start
+def _cold_vitx_torch(directory, pixels):
+    t = time.perf_counter()
+    import torch
+
+    from vit_torch import ViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = ViTForImageClassification.from_pretrained(directory).eval()
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: _no_grad(torch, lambda: model(torch.from_numpy(pixels)).logits.numpy())
+
+
+def _cold_hf5_torch(directory, pixels):
+    t = time.perf_counter()
+    import torch
+    from transformers import ViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = ViTForImageClassification.from_pretrained(directory).eval()
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: _no_grad(torch, lambda: model(torch.from_numpy(pixels)).logits.numpy())
+
+
+def _cold_timm(directory, pixels, model_name):
+    t = time.perf_counter()
+    import timm
+    import torch
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = timm.create_model(model_name, pretrained=True, num_classes=1000,
+                              pretrained_cfg_overlay=dict(file=str(directory / "timm.safetensors"))).eval()
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: _no_grad(torch, lambda: model(torch.from_numpy(pixels)).numpy())
+
+
+def _no_grad(torch, fn):
+    with torch.inference_mode():
+        return fn()
+
+
+def _cold_vitx_tf(directory, pixels):
+    t = time.perf_counter()
+    from vit_tf import TFViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = TFViTForImageClassification.from_pretrained(directory)
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: np.asarray(model(pixels, training=False).logits)
+
+
+def _cold_hf4_tf(directory, pixels):
+    t = time.perf_counter()
+    from transformers import TFViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = TFViTForImageClassification.from_pretrained(directory, from_pt=True)
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: np.asarray(model(pixel_values=pixels, training=False).logits)
+
+
+def _cold_vitx_flax(directory, pixels):
+    t = time.perf_counter()
+    from vit_flax import FlaxViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = FlaxViTForImageClassification.from_pretrained(directory)
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: np.asarray(model(pixels).logits)
+
+
+def _cold_hf4_flax(directory, pixels):
+    t = time.perf_counter()
+    from transformers import FlaxViTForImageClassification
+    imported = time.perf_counter() - t
+    t = time.perf_counter()
+    model = FlaxViTForImageClassification.from_pretrained(directory, from_pt=True)
+    loaded = time.perf_counter() - t
+    return imported, loaded, lambda: np.asarray(model(pixels).logits)
+
+
+# name -> (framework, venv, vitx, loader). The call is each library's plain documented one
+# (model(pixels)), no compilation: what a user's first logits cost.
+COLD: dict[str, tuple[str, str, bool, Callable[..., Any]]] = {
+    "vitx-torch": ("torch", "main", True, _cold_vitx_torch),
+    "hf5-torch": ("torch", "peers", False, _cold_hf5_torch),
+    "timm-torch": ("torch", "peers", False, _cold_timm),
+    "vitx-tf": ("tf", "main", True, _cold_vitx_tf),
+    "hf4-tf": ("tf", "main", False, _cold_hf4_tf),
+    "vitx-flax": ("flax", "main", True, _cold_vitx_flax),
+    "hf4-flax": ("flax", "main", False, _cold_hf4_flax),
+}
+
+
+def run_cold(args: argparse.Namespace) -> dict[str, Any]:
+    from .common import TIMM_NAMES
+
+    framework, _, vitx, loader = COLD[args.entry]
+    pixels = load_inputs(args.model, 1)
+    directory = fixture_dir(args.model)
+    started = time.perf_counter()
+    extra = (TIMM_NAMES.get(args.model, "vit_small_patch16_224"),) if args.entry == "timm-torch" else ()
+    import_s, load_s, call = loader(directory, pixels, *extra)
+    set_threads(framework, args.threads)
+    t = time.perf_counter()
+    logits = call()
+    first_call_s = time.perf_counter() - t
+    result = {
+        "kind": "cold", "entry": args.entry, "framework": framework, "vitx": vitx, "model": args.model,
+        "import_s": import_s, "from_pretrained_s": load_s, "first_call_s": first_call_s,
+        "time_to_first_logits_s": time.perf_counter() - started,
+        "since_interpreter_main_s": time.perf_counter() - _PROCESS_START,
+        "peak_rss_mb": peak_rss_mb(), "versions": versions(FRAMEWORK_MODULES),
+    }
+    result.update(logits_check(logits, args.model))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
+    parser.add_argument("kind", choices=["speed", "cold"])
+    parser.add_argument("--entry", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-runs", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=3.0)
+    parser.add_argument("--max-runs", type=int, default=50)
+    parser.add_argument("--max-time", type=float, default=20.0)
+    args = parser.parse_args(argv)
+    load_before = load_average()
+    try:
+        result = run_speed(args) if args.kind == "speed" else run_cold(args)
+    except Exception as exc:  # the parent records the failure in the table rather than dying
+        traceback.print_exc()
+        result = {"kind": args.kind, "entry": args.entry, "model": args.model, "dtype": args.dtype,
+                  "batch": args.batch, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    result["load_average_before"] = load_before
+    result["load_average_after"] = load_average()
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
