@@ -1,0 +1,1 @@
+"""One module per source format: declared rules plus a config reader (see conversion.rules)."""
