@@ -172,14 +172,14 @@ def read(raw: LazyState, layout: dict[str, Any], where: str, *, timm_model_name:
             timm_model_name = str(timm_config["architecture"])
     hidden = raw["cls_token"].shape[-1]
     model_args = (timm_config or {}).get("model_args") or {}
-    named = parse_model_name(timm_model_name) if timm_model_name and not model_args else None
+    named = parse_model_name(timm_model_name) if timm_model_name else None  # also refuses variant names
     if isinstance(model_args.get("num_heads"), int):
         heads = model_args["num_heads"]
         notes.append(f"{heads} attention heads from the timm config.json (model_args.num_heads)")
     elif heads_hint is not None:
         heads = heads_hint
         notes.append(f"{heads} attention heads from the config.json beside the weights")
-    elif named is not None:
+    elif named is not None and not model_args:
         if named["hidden"] != hidden:
             raise CheckpointError(f"{where}: timm model {timm_model_name!r} has hidden size {named['hidden']}, "
                                   f"the weights have {hidden}")
@@ -217,7 +217,7 @@ def read(raw: LazyState, layout: dict[str, Any], where: str, *, timm_model_name:
         record["model_args"] = {k: v for k, v in model_args.items() if isinstance(v, (int, float, str, bool, list))}
     config = derive_config(state, heads=heads, where=where, layer_norm_eps=LAYER_NORM_EPS, hidden_act=HIDDEN_ACT,
                            image_size=image_size, **{PROVENANCE_KEY: record})
-    if named is not None:
+    if named is not None and not model_args:
         if named["patch"] != config.patch_hw[0]:
             raise CheckpointError(f"{where}: timm model {timm_model_name!r} has patch size {named['patch']}, "
                                   f"the weights have {config.patch_hw}")

@@ -1,0 +1,203 @@
+"""The ``vitx`` command line: convert, parity, classify, info.
+
+Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance; 2 bad input (unknown or
+corrupt checkpoint, refused variant, destination exists, missing file, bad option), reported as
+one ``vitx: error: ...`` line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vit_core.checkpoint_io import CheckpointError
+
+EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitx", description="ViT checkpoints in PyTorch, TensorFlow and Flax: convert, prove parity, classify.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .convert import TARGETS
+
+    p = sub.add_parser("convert", help="convert a checkpoint to another format",
+                       description="Convert any supported checkpoint (transformers PT/TF/Flax, timm, JAX npz, "
+                                   "big_vision npz; detected from its contents) to another format.")
+    p.add_argument("src", help="checkpoint directory, weights file or hub id")
+    p.add_argument("dst", help="output directory (or file for --to timm/jax/big_vision with a .safetensors/.npz name)")
+    p.add_argument("--to", default="safetensors", choices=TARGETS, help="target format (default: safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--timm-model", help="timm model name (e.g. vit_base_patch16_224) fixing a timm state dict's config")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("parity", help="run a checkpoint in every framework and compare outputs",
+                       description="Load the checkpoint in each installed framework, feed identical pixel values, "
+                                   "print max |diff| per output per framework pair. Exit 1 over the tolerance. "
+                                   "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos.")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint (default: built-in seeded ViT-B/16)")
+    p.add_argument("--images", nargs="+", help="image files (default: the bundled sample photos)")
+    p.add_argument("--frameworks", nargs="+", default=["torch", "tf", "flax"],
+                   help="frameworks to compare: torch tf flax reference (default: torch tf flax)")
+    p.add_argument("--atol", type=float, help="max |diff| allowed (default: NUMERICS.md bound for the model)")
+    p.add_argument("--layers", action="store_true", help="compare every hidden state, name the first diverging layer")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--perturb", action="append", metavar="FRAMEWORK:KEY[=DELTA]",
+                   help="add DELTA (default 1e-2) to one canonical weight in one framework's copy: shows the "
+                        "report catches a corrupted weight")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("classify", help="top-k labels of images", description="Classify images with a checkpoint.")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"])
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _setup_quiet(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="vitx: %(message)s")
+    for name in ("vitx", "vitx.conversion", "vitx.checkpoint_io"):
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    result = convert(args.src, args.dst, to=args.to, force=args.force, timm_model_name=args.timm_model,
+                     progress=not args.quiet)
+    if not args.quiet:
+        print(f"{result.source_format} -> {result.target}: wrote {result.path} "
+              f"({result.nbytes / 2**20:.1f} MiB of tensors in {result.seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    perturb: dict[str, str] = {}
+    for spec in args.perturb or []:
+        framework, sep, rest = spec.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"--perturb {spec!r}: expected FRAMEWORK:KEY[=DELTA]")
+        perturb[framework] = rest
+    report = compare(args.checkpoint, images=args.images, frameworks=args.frameworks, layers=args.layers,
+                     atol=args.atol, timm_model_name=args.timm_model, perturb=perturb or None)
+    print(report.to_json() if args.json else report.to_table())
+    return EXIT_OK if report.ok else EXIT_PARITY_FAILED
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .pipeline import pipeline
+
+    classify = pipeline("image-classification", model=args.checkpoint, framework=args.framework, top_k=args.top_k,
+                        timm_model_name=args.timm_model)
+    results = classify(list(args.images))
+    if args.json:
+        print(json.dumps({str(image): preds for image, preds in zip(args.images, results)}, indent=2))
+        return EXIT_OK
+    for image, predictions in zip(args.images, results):
+        print(f"{image}:")
+        for p in predictions:
+            print(f"  {p['score']:.4f}  {p['label']}")
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .detect import open_checkpoint
+    from .formats.base import PROVENANCE_KEY, architecture_of
+
+    loaded = open_checkpoint(args.checkpoint, timm_model_name=args.timm_model)
+    config = loaded.config
+    parameters = int(sum(int(_prod(v.shape)) for v in loaded.state.values()))
+    dtypes = sorted({str(v.dtype) for v in loaded.state.values()})
+    info: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "file": loaded.path,
+        "format": loaded.format,
+        "model": architecture_of(loaded.task),
+        "parameters": parameters,
+        "dtypes": dtypes,
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", PROVENANCE_KEY)},
+        "num_labels": config.num_labels if loaded.task == "classification" else 0,
+        "labels": [config.id2label[i] for i in sorted(config.id2label)] if loaded.task == "classification" else [],
+        "notes": loaded.notes,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    c = config
+    print(f"checkpoint  {info['checkpoint']}")
+    print(f"file        {info['file']}")
+    print(f"format      {info['format']}")
+    print(f"model       {info['model']}")
+    print(f"parameters  {parameters:,} ({', '.join(dtypes)})")
+    print(f"config      hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads {c.num_attention_heads}, "
+          f"mlp {c.intermediate_size}, image {c.image_size}, patch {c.patch_size}, channels {c.num_channels}, "
+          f"act {c.hidden_act}, eps {c.layer_norm_eps:g}, qkv_bias {c.qkv_bias}")
+    labels = info["labels"]
+    if labels:
+        shown = ", ".join(f"{i}: {name}" for i, name in enumerate(labels[:10]))
+        print(f"labels      {len(labels)}: {shown}{' ...' if len(labels) > 10 else ''}")
+    else:
+        print("labels      none (no classifier head)")
+    for note in loaded.notes:
+        print(f"note        {note}")
+    return EXIT_OK
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "info": _cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitx`` console script. Returns the exit code (also via SystemExit)."""
+    args = _parser().parse_args(argv)
+    _setup_quiet(args.quiet)
+    try:
+        code = COMMANDS[args.command](args)
+    except (CheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError, ImportError) as e:
+        message = str(e) or type(e).__name__
+        print(f"vitx: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vitx: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
