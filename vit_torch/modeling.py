@@ -310,8 +310,13 @@ class ViTPreTrainedModel(nn.Module):
         return resolve_dtype(torch_dtype, dtype)
 
     def _finish(self, target_dtype: torch.dtype) -> None:
-        """Initialise every parameter from the canonical table, then cast (init runs in float32)."""
-        weights_io.init_weights(self, self.canonical_table(), self.config.initializer_range)
+        """Initialise every parameter from the canonical table, then cast (init runs in float32).
+
+        A task model's backbone (``vit``) initialised itself when it was built; only the rest is
+        initialised here.
+        """
+        skip = self.base_model_prefix + "." if self.base_model is not self else None
+        weights_io.init_weights(self, self.canonical_table(), self.config.initializer_range, skip_prefix=skip)
         if target_dtype != torch.float32:
             self.to(target_dtype)
 
