@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--perturb", action="append", metavar="FRAMEWORK:KEY[=DELTA]",
-                   help="add DELTA (default 1e-2) to one canonical weight in one framework's copy: shows the "
+                   help="add DELTA (default 1e-2) to the first element of one canonical weight in one framework's copy: shows the "
                         "report catches a corrupted weight")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 

@@ -216,8 +216,8 @@ def compare(
     inputs for models that do not take 3-channel images). ``layers=True`` also compares every
     hidden state and names the first layer that diverges. ``atol``: the bound (default from
     vit_core.tolerances: 1e-4 for models of ViT-S width and up on real photos, else 1e-5).
-    ``perturb``: ``{framework: "canonical.key=delta"}`` adds ``delta`` (default 1e-2) to one weight
-    in that framework's copy, to show the report catches a corrupted weight.
+    ``perturb``: ``{framework: "canonical.key=delta"}`` adds ``delta`` (default 1e-2) to the first
+    element of one weight in that framework's copy, to show the report catches a corrupted weight.
     Frameworks that are not installed are listed in ``report.skipped``.
     """
     unknown = [f for f in frameworks if f not in ALL_BACKENDS]
@@ -278,10 +278,13 @@ def compare(
                 if key not in state:
                     raise ValueError(f"perturb: {key!r} is not a weight of this checkpoint")
                 fw_state = dict(state)
-                fw_state[key] = (state[key] + np.asarray(delta, dtype=state[key].dtype)).astype(state[key].dtype)
+                # one element: a uniform shift of a bias feeding a LayerNorm would cancel exactly
+                corrupted = np.array(state[key], copy=True)
+                corrupted.reshape(-1)[0] += np.asarray(delta, dtype=corrupted.dtype)
+                fw_state[key] = corrupted
                 location = tmpdir / f"perturbed-{fw}"
                 save_pretrained(config, fw_state, location)
-                notes.append(f"{fw}: {key} perturbed by {delta:g} on purpose")
+                notes.append(f"{fw}: {key}[0] perturbed by {delta:g} on purpose")
             runs[fw] = run_framework(fw, location, task, keys, pixel_values, hidden_states=layers, config=config,
                                      state=fw_state)
             report.frameworks.append(fw)
