@@ -6,8 +6,30 @@ Importing it imports tensorflow and keras (and numpy), never torch or jax.
 
 from __future__ import annotations
 
+import sys
+
+
+def _import_tensorflow() -> None:
+    """Import TensorFlow without letting it import jax.
+
+    TensorFlow's TFLite utilities run ``from jax import jit`` at import time
+    (tensorflow/lite/python/util.py), which loads all of jax whenever it happens to be installed.
+    vit_tf promises never to import jax, so jax is hidden during that one import (TFLite then only
+    lacks its experimental jax converter in this process); jax stays importable afterwards.
+    """
+    if "tensorflow" in sys.modules or "jax" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.modules["jax"] = None  # type: ignore[assignment]  # makes `import jax` raise ImportError
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        if sys.modules.get("jax", 0) is None:
+            del sys.modules["jax"]
+
+
 try:
-    import tensorflow  # noqa: F401
+    _import_tensorflow()
     import keras
 
     if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
