@@ -423,6 +423,16 @@ def test_labels_problem_types_and_num_labels_zero() -> None:
     assert out.logits.shape == (2, TINY["hidden_size"])
 
 
+def test_model_conveniences() -> None:
+    model = ViTForMaskedImageModeling(ViTConfig(**TINY))
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.get_input_embeddings() is model.vit.embeddings.patch_embeddings
+    assert model.base_model is model.vit and model.vit.base_model is model.vit
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    model.vit.embeddings.cls_token.requires_grad_(False)
+    assert model.num_parameters(only_trainable=True) == model.num_parameters() - TINY["hidden_size"]
+
+
 def test_attn_implementation_options() -> None:
     config = ViTConfig(**TINY)
     assert ViTModel(config).config._attn_implementation == "sdpa"

@@ -92,6 +92,12 @@ def test_save_pretrained_loads_in_transformers(tmp_path: pathlib.Path, transform
     assert torch.equal(main_output(theirs, x), main_output(ours, x))
 
 
+def test_save_pretrained_refuses_pickles(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="to='pytorch'"):
+        seeded("base").save_pretrained(tmp_path, safe_serialization=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_sharded_save_loads_in_transformers_and_back(tmp_path: pathlib.Path, transformers: Any) -> None:
     ours = seeded("classification")
     ours.save_pretrained(tmp_path, max_shard_size="20KB")

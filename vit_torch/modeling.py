@@ -23,6 +23,7 @@ from vit_core.weights import Task, WeightSpec, weight_table
 
 from . import weights as weights_io
 from .layers import (
+    Linear,
     eager_attention,
     fused_attention,
     get_activation,
@@ -119,9 +120,9 @@ class ViTSelfAttention(nn.Module):
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         self.scaling = self.attention_head_size**-0.5
         self.dropout_prob = dropout_prob
-        self.query = nn.Linear(hidden_size, self.all_head_size, bias=qkv_bias)
-        self.key = nn.Linear(hidden_size, self.all_head_size, bias=qkv_bias)
-        self.value = nn.Linear(hidden_size, self.all_head_size, bias=qkv_bias)
+        self.query = Linear(hidden_size, self.all_head_size, bias=qkv_bias)
+        self.key = Linear(hidden_size, self.all_head_size, bias=qkv_bias)
+        self.value = Linear(hidden_size, self.all_head_size, bias=qkv_bias)
 
     def forward(
         self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, eager: bool = False
@@ -151,7 +152,7 @@ class ViTSelfOutput(nn.Module):
 
     def __init__(self, hidden_size: int, dropout_prob: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -179,10 +180,14 @@ class ViTIntermediate(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden_size, intermediate_size)
+        self.dense = Linear(hidden_size, intermediate_size)
+        self.hidden_act = hidden_act
         self.activation = get_activation(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.dense.fuses(hidden_states, self.hidden_act):
+            # inference on oneDNN: the GELU runs inside the GEMM as a post-op (same formula)
+            return self.dense(hidden_states, post_op=self.hidden_act)
         return self.activation(self.dense(hidden_states))
 
 
@@ -191,7 +196,7 @@ class ViTOutput(nn.Module):
 
     def __init__(self, intermediate_size: int, hidden_size: int, dropout_prob: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(intermediate_size, hidden_size)
+        self.dense = Linear(intermediate_size, hidden_size)
         self.dropout = nn.Dropout(dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -274,7 +279,7 @@ class ViTPooler(nn.Module):
 
     def __init__(self, hidden_size: int, pooler_output_size: int, pooler_act: str) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden_size, pooler_output_size)
+        self.dense = Linear(hidden_size, pooler_output_size)
         self.activation = get_activation(pooler_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -398,8 +403,15 @@ class ViTPreTrainedModel(nn.Module):
             dtype=resolve_dtype(torch_dtype, dtype, allow_auto=True), config_overrides=config_overrides,
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (canonical names; sharded above ``max_shard_size``)."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None, safe_serialization: bool = True
+    ) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (canonical names; sharded above ``max_shard_size``,
+        e.g. "5GB"). ``safe_serialization=False`` (a pickle file) is not written: use
+        ``conversion.convert(dir, out, to="pytorch")`` for a pytorch_model.bin."""
+        if not safe_serialization:
+            raise ValueError("vit_torch saves safetensors only; for a pytorch_model.bin run "
+                             "conversion.convert(saved_dir, out_dir, to='pytorch') (or `vitx convert --to pytorch`)")
         weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size)
 
 
@@ -604,7 +616,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
         self.num_labels = config.num_labels
         self.vit = ViTModel(config, add_pooling_layer=False)
         self.classifier: nn.Module = (
-            nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+            Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         )
         self._finish(target_dtype)
 
