@@ -103,29 +103,26 @@ def read_safetensors_header(path: pathlib.Path) -> tuple[dict[str, dict[str, Any
 
 
 def read_safetensors_lazy(path: pathlib.Path) -> tuple[LazyState, dict[str, str]]:
-    """Memory-mapped safetensors: each Lazy returns a read-only view of the file (no copy)."""
+    """Memory-mapped safetensors: each Lazy maps just its tensor's bytes (a read-only view, no
+    copy) and the mapping goes away with the array, so a conversion's resident memory stays near
+    one tensor rather than growing to the whole file."""
     header, metadata, data_start = read_safetensors_header(path)
     state: LazyState = {}
-    holder: dict[str, np.memmap] = {}
-
-    def mapped() -> np.memmap:
-        if "map" not in holder:
-            holder["map"] = np.memmap(path, dtype=np.uint8, mode="r")
-        return holder["map"]
-
     for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         dtype = _numpy_dtype(entry["dtype"], str(path))
         shape = tuple(int(s) for s in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-
-        def load(begin: int = begin, end: int = end, dtype: np.dtype = dtype, shape: tuple[int, ...] = shape) -> np.ndarray:
-            if begin == end:
-                return np.zeros(shape, dtype=dtype)
-            raw = mapped()[data_start + begin: data_start + end]
-            return raw.view(dtype).reshape(shape)
-
-        state[key] = Lazy(shape, dtype, load, f"{path}:{key}")
+        begin = int(entry["data_offsets"][0])
+        state[key] = Lazy(shape, dtype, _mapped(path, data_start + begin, shape, dtype), f"{path}:{key}")
     return state, metadata
+
+
+def _mapped(path: pathlib.Path, offset: int, shape: tuple[int, ...], dtype: np.dtype,
+            order: str = "C") -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    return load
 
 
 def write_safetensors(path: pathlib.Path, state: LazyState, metadata: Mapping[str, str] | None = None,
@@ -452,3 +449,163 @@ def _fsync(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy HDF5 (transformers' tf_model.h5) and msgpack (flax_model.msgpack)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_h5_lazy(path: pathlib.Path) -> LazyState | None:
+    """TF weights of a Keras h5 file by weight name without the model name component
+    (``vit/encoder/layer_._0/.../kernel:0``), each read from disk when asked for.
+
+    Returns None for layouts this reader does not cover (transformers' sharded TF files, where
+    each layer entry is a dataset); the caller then uses vit_core.checkpoint_io's reader.
+    """
+    import h5py
+
+    state: LazyState = {}
+    try:
+        with h5py.File(path, "r") as f:
+            raw_names = f.attrs.get("layer_names")
+            if raw_names is None:
+                return None
+            for layer in [n.decode("utf8") if isinstance(n, bytes) else str(n) for n in raw_names]:
+                group = f.get(layer)
+                if not isinstance(group, h5py.Group) or "weight_names" not in group.attrs:
+                    return None
+                for weight in group.attrs["weight_names"]:
+                    weight = weight.decode("utf8") if isinstance(weight, bytes) else str(weight)
+                    dataset = group.get(weight)
+                    if not isinstance(dataset, h5py.Dataset):
+                        return None
+                    name = weight.partition("/")[2] or weight
+                    state[name] = Lazy(tuple(int(s) for s in dataset.shape), dataset.dtype,
+                                       _h5_loader(path, f"{layer}/{weight}"), f"{path}:{weight}")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read HDF5 file (truncated or corrupt?): {e}") from None
+    return state
+
+
+def _h5_loader(path: pathlib.Path, name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return np.asarray(f[name][()])
+    return load
+
+
+class _MsgpackScanner:
+    """Walks a flax.serialization msgpack file in place (memory-mapped) and records, for every
+    array, where its bytes are: no array is copied until it is asked for."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r")
+        self.view = memoryview(self.buf)
+
+    def _uint(self, pos: int, size: int) -> int:
+        return int.from_bytes(self.view[pos: pos + size], "big")
+
+    def header(self, pos: int) -> tuple[str, int, int]:
+        """(kind, length or value, position after the header) of the object at ``pos``."""
+        b = int(self.buf[pos])
+        if b <= 0x7F:
+            return "int", int(b), pos + 1
+        if 0x80 <= b <= 0x8F:
+            return "map", int(b) & 0x0F, pos + 1
+        if 0x90 <= b <= 0x9F:
+            return "array", int(b) & 0x0F, pos + 1
+        if 0xA0 <= b <= 0xBF:
+            return "str", int(b) & 0x1F, pos + 1
+        if b >= 0xE0:
+            return "int", int(b) - 256, pos + 1
+        fixed = {0xC0: ("nil", 0, 0), 0xC2: ("false", 0, 0), 0xC3: ("true", 0, 0)}
+        if b in fixed:
+            kind, value, _ = fixed[b]
+            return kind, value, pos + 1
+        sized = {0xC4: ("bin", 1), 0xC5: ("bin", 2), 0xC6: ("bin", 4), 0xD9: ("str", 1), 0xDA: ("str", 2),
+                 0xDB: ("str", 4), 0xDC: ("array", 2), 0xDD: ("array", 4), 0xDE: ("map", 2), 0xDF: ("map", 4),
+                 0xC7: ("ext", 1), 0xC8: ("ext", 2), 0xC9: ("ext", 4)}
+        if b in sized:
+            kind, size = sized[b]
+            return kind, self._uint(pos + 1, size), pos + 1 + size
+        if 0xD4 <= b <= 0xD8:
+            return "ext", 1 << (b - 0xD4), pos + 1
+        if 0xCC <= b <= 0xCF:
+            size = 1 << (b - 0xCC)
+            return "int", self._uint(pos + 1, size), pos + 1 + size
+        if 0xD0 <= b <= 0xD3:
+            size = 1 << (b - 0xD0)
+            return "int", int.from_bytes(self.view[pos + 1: pos + 1 + size], "big", signed=True), pos + 1 + size
+        if b in (0xCA, 0xCB):
+            return "float", 0, pos + 1 + (4 if b == 0xCA else 8)
+        raise ValueError(f"unsupported msgpack byte 0x{int(b):02x} at offset {pos}")
+
+    def value(self, pos: int) -> tuple[Any, int]:
+        """A small value (str, int, list of ints) and the position after it."""
+        kind, n, pos = self.header(pos)
+        if kind == "str":
+            return bytes(self.view[pos: pos + n]).decode("utf-8"), pos + n
+        if kind == "int":
+            return n, pos
+        if kind == "array":
+            items = []
+            for _ in range(n):
+                item, pos = self.value(pos)
+                items.append(item)
+            return items, pos
+        if kind in ("nil", "true", "false"):
+            return {"nil": None, "true": True, "false": False}[kind], pos
+        raise ValueError(f"unexpected msgpack {kind} at offset {pos}")
+
+    def tree(self, pos: int, prefix: str, out: LazyState) -> int:
+        kind, n, pos = self.header(pos)
+        if kind == "map":
+            for _ in range(n):
+                key, pos = self.value(pos)
+                pos = self.tree(pos, f"{prefix}{key}/", out)
+            return pos
+        if kind == "ext":
+            code = int(self.buf[pos])
+            start = pos + 1
+            if code != 1:  # flax's ndarray extension; scalars and complex numbers are no ViT weight
+                raise ValueError(f"msgpack extension type {code} at {prefix.rstrip('/')!r} is not an array")
+            akind, items, p = self.header(start)  # the record is a msgpack array (shape, dtype name, bytes)
+            if akind != "array" or items != 3:
+                raise ValueError(f"array record {prefix.rstrip('/')!r} is malformed")
+            shape, p = self.value(p)
+            dtype_name, p = self.value(p)
+            bkind, nbytes, p = self.header(p)
+            dtype = np.dtype(dtype_name)
+            shape = tuple(int(s) for s in shape)
+            if bkind != "bin" or nbytes != math.prod(shape) * dtype.itemsize or p + nbytes > start + n:
+                raise ValueError(f"array record {prefix.rstrip('/')!r} is malformed")
+            out[prefix.rstrip("/")] = Lazy(shape, dtype, _mapped(self.path, p, shape, dtype), f"{self.path}:{prefix}")
+            return start + n
+        raise ValueError(f"unexpected msgpack {kind} at {prefix.rstrip('/')!r}")
+
+
+def read_msgpack_lazy(path: pathlib.Path) -> LazyState | None:
+    """Arrays of a ``flax_model.msgpack`` by '/'-joined parameter path, memory-mapped.
+
+    Returns None for what this reader does not cover (arrays chunked above 1 GiB, dtypes numpy
+    does not know); the caller then uses vit_core.checkpoint_io's reader.
+    """
+    state: LazyState = {}
+    try:
+        scanner = _MsgpackScanner(path)
+        end = scanner.tree(0, "", state)
+    except (ValueError, TypeError, IndexError) as e:
+        if "__msgpack_chunked_array__" in str(e) or "data type" in str(e):
+            return None
+        raise CheckpointError(f"{path}: cannot read flax msgpack file (truncated or corrupt?): {e}") from None
+    if end != len(scanner.buf):
+        raise CheckpointError(f"{path}: {len(scanner.buf) - end} trailing bytes after the parameter tree")
+    if any("__msgpack_chunked_array__" in k for k in state):
+        return None
+    if state and all(k.startswith("params/") for k in state):
+        state = {k[len("params/"):]: v for k, v in state.items()}
+    return state

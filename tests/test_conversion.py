@@ -345,10 +345,11 @@ def test_truncated_files_give_a_clear_error(source: pathlib.Path, keep: float, t
         load_checkpoint(path)
 
 
-def test_truncated_h5_and_torch_files(tmp_path: pathlib.Path) -> None:
+def test_truncated_h5_torch_and_msgpack_files(tmp_path: pathlib.Path) -> None:
     convert(NPZ / "jax.npz", tmp_path / "tf", to="tf")
     convert(NPZ / "jax.npz", tmp_path / "pt", to="pytorch")
-    for name in ("tf/tf_model.h5", "pt/pytorch_model.bin"):
+    convert(NPZ / "jax.npz", tmp_path / "flax", to="flax")
+    for name in ("tf/tf_model.h5", "pt/pytorch_model.bin", "flax/flax_model.msgpack"):
         path = _truncate(tmp_path / name, tmp_path / pathlib.Path(name).name, 0.6)
         with pytest.raises(CheckpointError, match="truncated|corrupt|not a valid"):
             load_checkpoint(path)

@@ -26,6 +26,8 @@ import numpy as np
 from vit_core import ViTConfig
 from vit_core.checkpoint_io import (
     CANONICAL_TO_TF_RULES,
+    FLAX_TO_CANONICAL_RULES,
+    TF_TO_CANONICAL_RULES,
     CheckpointError,
     read_state_dict,
     to_legacy_names,
@@ -78,7 +80,45 @@ def read_lazy(weights: pathlib.Path) -> LazyState:
     elif weights.suffix == ".safetensors" and _pt_safetensors(weights):
         state, _ = io.read_safetensors_lazy(weights)
         return to_legacy_names(state)
+    else:
+        from vit_core.checkpoint_io import _detect_kind  # the shared magic-byte sniffer
+
+        kind = _detect_kind(weights)
+        if kind == "safetensors" and _pt_safetensors(weights):
+            state, _ = io.read_safetensors_lazy(weights)
+            return to_legacy_names(state)
+        raw = io.read_h5_lazy(weights) if kind == "h5" else io.read_msgpack_lazy(weights) if kind == "msgpack" else None
+        if raw is not None:
+            return _canonical_from_framework(raw, "tf" if kind == "h5" else "flax", weights)
     return lazify(read_state_dict(weights))
+
+
+def _canonical_from_framework(raw: LazyState, flavour: str, path: pathlib.Path) -> LazyState:
+    """TF / Flax names and layouts -> canonical, lazily (the rules and layouts of
+    vit_core.checkpoint_io's reader: kernels (in, out) transposed, HWIO -> OIHW)."""
+    rules = TF_TO_CANONICAL_RULES if flavour == "tf" else FLAX_TO_CANONICAL_RULES
+    state: LazyState = {}
+    for name, lazy in raw.items():
+        leaf = re.sub(r":\d+$", "", name).rsplit("/", 1)[-1]
+        if leaf == "kernel":
+            if len(lazy.shape) == 2:
+                lazy = Lazy(lazy.shape[::-1], lazy.dtype, lambda lz=lazy: np.ascontiguousarray(lz.materialize().T), name)
+            elif len(lazy.shape) == 4:
+                h, w, i, o = lazy.shape
+                lazy = Lazy((o, i, h, w), lazy.dtype,
+                            lambda lz=lazy: np.ascontiguousarray(lz.materialize().transpose(3, 2, 0, 1)), name)
+            else:
+                raise CheckpointError(f"{path}: kernel {name!r} has rank {len(lazy.shape)}; expected 2 or 4")
+        key = name
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        if key in state:
+            raise CheckpointError(f"{path}: two weights map to the key {key!r} (second: {name!r})")
+        state[key] = lazy
+    if flavour == "tf" and state and all(k.startswith("vit.") for k in state):
+        # TFViTModel keeps its whole backbone (pooler included) under "vit"; PyTorch's ViTModel has no prefix
+        state = {k[len("vit."):]: v for k, v in state.items()}
+    return to_legacy_names(state)
 
 
 def _pt_safetensors(path: pathlib.Path) -> bool:
