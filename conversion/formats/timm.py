@@ -236,7 +236,12 @@ def write(state: LazyState, config: Any, notes: list[str]) -> LazyState:
     state = drop_keys(state, (r"^pooler\.",), "timm's ViT has no pooler (representation layer)", notes)
     state = drop_keys(state, (r"^embeddings\.mask_token$", r"^decoder\."), "timm's ViT has no masked-image-modeling "
                       "head", notes)
-    notes += numerics_note(config, "timm", LAYER_NORM_EPS, "the exact GELU", ("gelu",))
+    if config.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu"):
+        act = "gelu_tanh" if config.hidden_act != "quick_gelu" else "quick_gelu"
+        notes.append(f"hidden_act={config.hidden_act!r}: build the timm model with act_layer={act!r} (the config.json "
+                     "written in a timm directory says so); timm's default ViT uses the exact GELU")
+    notes += numerics_note(config, "timm", LAYER_NORM_EPS, "the exact GELU",
+                           ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu"))
     raw = apply_backward(rules(layout), state, dims_of(config))
     prefix = layout.get("module_prefix") or ""
     return {prefix + k: v for k, v in raw.items()}
