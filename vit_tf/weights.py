@@ -9,6 +9,7 @@ The conversion below depends on the table's ``kind`` only.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import random
@@ -84,12 +85,23 @@ def _weight_seed(seed: int, name: str, prefix: str = "vit.") -> list[int]:
     return [int(seed), zlib.crc32(name.removeprefix(prefix).encode())]
 
 
+_TWO_STD_CDF = math.erf(2.0 / math.sqrt(2.0))  # P(|z| < 2) for a standard normal z
+
+
+def truncated_normal(shape: tuple[int, ...], std: float, seed: list[int]) -> tf.Tensor:
+    """Normal(0, std) cut at +-2 std, by the inverse CDF of a uniform draw (as torch's
+    ``trunc_normal_``): erfinv of U(-P, P) with P = erf(2 / sqrt 2). About twice as fast on CPU as
+    tf.random.stateless_truncated_normal's rejection sampling (86M values for ViT-B/16)."""
+    uniform = tf.random.stateless_uniform(shape, seed=seed, minval=-_TWO_STD_CDF, maxval=_TWO_STD_CDF,
+                                          dtype=tf.float32)
+    return tf.math.erfinv(uniform) * (std * math.sqrt(2.0))
+
+
 def init_weights(model: keras.Layer, table: Iterable[WeightSpec], initializer_range: float, seed: int) -> None:
     """Initialise every weight in ``table`` as its entry says (transformers' ViT ``_init_weights``).
 
-    "trunc_normal": normal with std = initializer_range, re-drawn outside +-2 std
-    (tf.random.stateless_truncated_normal, seeded per weight); "zeros"; "ones". Drawn in float32
-    and cast to the variable's dtype.
+    "trunc_normal": normal with std = initializer_range cut at +-2 std (:func:`truncated_normal`,
+    seeded per weight); "zeros"; "ones". Drawn in float32 and cast to the variable's dtype.
     """
     for spec in table:
         variable = get_variable(model, spec.name)
@@ -101,8 +113,7 @@ def init_weights(model: keras.Layer, table: Iterable[WeightSpec], initializer_ra
         elif spec.init == "ones":
             value = tf.ones(shape, tf.float32)
         elif spec.init == "trunc_normal":
-            value = tf.random.stateless_truncated_normal(shape, seed=_weight_seed(seed, spec.name),
-                                                         stddev=float(initializer_range), dtype=tf.float32)
+            value = truncated_normal(shape, float(initializer_range), _weight_seed(seed, spec.name))
         else:
             raise ValueError(f"{spec.name}: unknown init {spec.init!r}")
         variable.assign(tf.cast(value, variable.dtype))
@@ -168,7 +179,7 @@ def canonical_state(model: TFViTPreTrainedModel) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for spec in model.canonical_table():
         _, to_canonical = LAYOUTS[spec.kind]
-        state[spec.name] = to_canonical(np.asarray(keras.ops.convert_to_numpy(get_variable(model, spec.name))))
+        state[spec.name] = to_canonical(np.asarray(get_variable(model, spec.name).numpy()))
     return state
 
 
