@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vit_core.checkpoint_io import CheckpointError
-
 from . import io
 from .detect import open_checkpoint
 from .formats import big_vision, jax_npz, timm

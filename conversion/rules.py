@@ -443,22 +443,6 @@ class Stack(Rule):
         return out
 
 
-@dataclass
-class Prefix(Rule):
-    """Add ``prefix`` to every key (forward) / require and strip it (backward)."""
-
-    prefix: str
-
-    def forward(self, state: LazyState, dims: Dims) -> LazyState:
-        return {self.prefix + k: v for k, v in state.items()}
-
-    def backward(self, state: LazyState, dims: Dims) -> LazyState:
-        bad = [k for k in state if not k.startswith(self.prefix)]
-        if bad:
-            raise CheckpointError(f"keys without the prefix {self.prefix!r}: {', '.join(bad[:10])}")
-        return {k[len(self.prefix):]: v for k, v in state.items()}
-
-
 # Canonical task layout: task models keep the backbone under "vit." (FORMATS.md section 1).
 _HEAD = re.compile(r"^(classifier|decoder|pooler)\.")
 

@@ -475,7 +475,6 @@ def test_own_torch_zip_writer_loads_in_torch(tmp_path: pathlib.Path) -> None:
         loaded = torch.load(tmp_path / "own.bin", weights_only=True, mmap=mmap)
         assert list(loaded) == list(state)
         assert all(np.array_equal(loaded[k].numpy(), v) for k, v in state.items())
-    back, _ = load_checkpoint(tmp_path / "own.bin") if False else (None, None)
     from vit_core.checkpoint_io import read_state_dict
 
     again = read_state_dict(tmp_path / "own.bin")
