@@ -486,3 +486,13 @@ def test_import_conversion_imports_no_framework() -> None:
             "print([m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_progress_reports_every_byte(tmp_path: pathlib.Path) -> None:
+    seen: list[tuple[int, int]] = []
+    result = convert(NPZ / "jax.npz", tmp_path / "out", to="tf", progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (result.nbytes, result.nbytes)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # tqdm bar variant (shown only after two seconds; must not break a fast conversion)
+    convert(NPZ / "jax.npz", tmp_path / "out2", to="flax", progress=True)
+    assert (tmp_path / "out2" / "flax_model.msgpack").is_file()
