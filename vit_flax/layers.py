@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+import functools
 from functools import lru_cache
 
 import jax
@@ -73,12 +74,13 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 # ----------------------------------------------------------------------------------- initialisers
+@functools.partial(jax.jit, static_argnames=("init", "shape"))
 def init_array(init: str, key: Array, shape: tuple[int, ...], std: float) -> Array:
     """A fresh float32 parameter by the canonical table's ``init`` name (WeightSpec.init).
 
     "trunc_normal": normal with standard deviation ``std`` cut at +-2 std (no variance correction,
     unlike jax.nn.initializers.truncated_normal), as vit_torch's nn.init.trunc_normal_(std, -2 std,
-    2 std); "zeros"; "ones".
+    2 std); "zeros"; "ones". Compiled once per (init, shape): a model has few distinct shapes.
     """
     if init == "trunc_normal":
         return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
@@ -203,10 +205,15 @@ def eager_attention(query: Array, key: Array, value: Array, scaling: float, head
 def fused_attention(query: Array, key: Array, value: Array, scaling: float) -> Array:
     """jax.nn.dot_product_attention: same shapes as :func:`eager_attention`, no probabilities.
 
-    Its XLA implementation computes the scores with float32 accumulation and the softmax in
-    float32 for bfloat16 / float16 inputs. It has no dropout: training with attention dropout
-    takes the eager path.
+    Its XLA implementation accumulates the scores in float32 and softmaxes in float32 for
+    bfloat16 / float16 inputs. It has no dropout: training with attention dropout takes the eager
+    path. On CPU, XLA has no float16 x float16 -> float32 dot, which that implementation asks
+    for: float16 inputs are widened to float32 there (exact), and the result rounded back.
     """
+    if query.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        wide = jax.nn.dot_product_attention(query.astype(jnp.float32), key.astype(jnp.float32),
+                                            value.astype(jnp.float32), scale=scaling)
+        return wide.astype(jnp.float16)
     return jax.nn.dot_product_attention(query, key, value, scale=scaling)
 
 

@@ -14,11 +14,14 @@ after ``graphdef, state = nnx.split(model)``.
 from __future__ import annotations
 
 import functools
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vit_core import validation
@@ -309,22 +312,30 @@ class ViTPooler(nnx.Module):
 class StaticConfig:
     """The model's ViTConfig as a static (graphdef) attribute.
 
-    ViTConfig is mutable and so unhashable; the graphdef keys jax.jit's cache, so this holder
-    hashes and compares the config's JSON, read at every call: changing ``model.config`` (say its
-    ``problem_type``) retraces rather than reusing a stale compilation.
+    ViTConfig is mutable and so unhashable, and the graphdef keys jax.jit's cache: this holder
+    hashes and compares the config's :func:`trace_key`, so two models of one architecture share
+    their compilations.
     """
 
     def __init__(self, config: ViTConfig) -> None:
         self.config = config
 
     def __hash__(self) -> int:
-        return hash(self.config.to_json_string())
+        return hash(trace_key(self.config))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, StaticConfig) and (other.config is self.config or other.config == self.config)
+        return isinstance(other, StaticConfig) and trace_key(other.config) == trace_key(self.config)
 
     def __repr__(self) -> str:
         return f"StaticConfig({type(self.config).__name__})"
+
+
+def trace_key(config: ViTConfig) -> str:
+    """Every config field a trace may read, as a string: the JSON config without the label names
+    (num_labels stays; id2label of a 1000-class model would make it 50 times longer)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    fields["num_labels"] = config.num_labels
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 class FlaxViTPreTrainedModel(nnx.Module):
@@ -382,20 +393,56 @@ class FlaxViTPreTrainedModel(nnx.Module):
             if isinstance(module, FlaxViTPreTrainedModel):
                 module.attn_implementation = implementation
 
+    # -------------------------------------------------------------------------- transformers Flax params
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters as transformers' Flax classes hold them: a nested dict of arrays with the
+        same paths and layouts (layer indices as strings), e.g. ``params["vit"]["encoder"]["layer"]["0"]``."""
+        return _string_keys(nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``model.params = new_params`` (transformers Flax) updates the values in place; nnx's own
+        # __setattr__ checks attribute values before a property setter could run.
+        if name == "params":
+            nnx.update(self, self._state_from_params(value))
+            return
+        super().__setattr__(name, value)
+
+    def _state_from_params(self, params: Mapping[str, Any]) -> nnx.State:
+        """This model's parameter state with the values of a transformers-style ``params`` tree
+        (also traced values, under jax.grad). Missing, unexpected and mis-shaped entries raise together."""
+        state = nnx.state(self, nnx.Param)
+        expected = {"/".join(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+        given = {"/".join(path): tuple(np.shape(v)) for path, v in _flatten(params)}
+        problems = ([f"missing {k} {shape}" for k, shape in expected.items() if k not in given]
+                    + [f"unexpected {k} {shape}" for k, shape in given.items() if k not in expected]
+                    + [f"{k}: given {given[k]} vs model {shape}" for k, shape in expected.items()
+                       if k in given and given[k] != shape])
+        if problems:
+            raise ValueError(f"params do not fit {type(self).__name__}: " + "; ".join(problems))
+        new_state = jax.tree_util.tree_map(lambda x: x, state)  # new Variables: the model keeps its own
+        nnx.replace_by_pure_dict(new_state, dict(params))  # matches "0" to the nnx.List index 0
+        return new_state
+
     # -------------------------------------------------------------------------- compiled call
     def _compiled_call(
         self, inputs: dict[str, Array | None], options: dict[str, bool], return_dict: bool | None, train: bool,
-        dropout_rng: Array | None, rngs: nnx.Rngs | None,
+        dropout_rng: Array | None, rngs: nnx.Rngs | None, params: Mapping[str, Any] | None,
     ) -> Any:
-        """Run ``forward`` through the jit cache: arrays traced, options static, graphdef static."""
+        """Run ``forward`` through the jit cache: arrays traced, options static, graphdef static.
+        ``params`` (transformers Flax's argument) replaces the model's own parameter values."""
         if rngs is not None:
             if dropout_rng is not None:
                 raise ValueError("pass either dropout_rng= or rngs=, not both")
             dropout_rng = rngs.dropout() if train else None
         inputs = {name: None if value is None else jnp.asarray(value) for name, value in inputs.items()}
         graphdef, state = nnx.split(self)
+        if params is not None:
+            state = self._state_from_params(params)
+        # config_key: a snapshot, since the graphdef in jax's cache holds the live (mutable) config
         output = _jit_forward(graphdef, state, inputs, dropout_rng,
-                              options=tuple(sorted(options.items())) + (("train", bool(train)),))
+                              options=tuple(sorted(options.items())) + (("train", bool(train)),),
+                              config_key=trace_key(self.config))
         return output if _flag(return_dict, self.config, "return_dict", True) else output.to_tuple()
 
     # -------------------------------------------------------------------------- checkpoints
@@ -437,11 +484,13 @@ class FlaxViTPreTrainedModel(nnx.Module):
         weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("options",))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("options", "config_key"))
 def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Array | None],
-                 dropout_rng: Array | None, options: tuple[tuple[str, bool], ...]) -> Any:
+                 dropout_rng: Array | None, options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
     """The compiled entry of every model class: merge and run ``forward``. jax.jit caches one
-    executable per (graphdef, options, input shapes and dtypes)."""
+    executable per (graphdef, options, config, input shapes and dtypes); changing ``model.config``
+    (say its ``problem_type``) retraces rather than reusing a stale compilation."""
+    del config_key  # only a cache key
     model = nnx.merge(graphdef, state)
     return model.forward(**inputs, **dict(options), return_dict=True, dropout_rng=dropout_rng)
 
@@ -526,15 +575,18 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
         rngs: nnx.Rngs | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> BaseModelOutputWithPooling | tuple[Array, ...]:
         """``forward``, jit-compiled once per input shape and option set. With ``train=True``, dropout
-        needs ``dropout_rng=`` (a key) or ``rngs=`` (an nnx.Rngs with a ``dropout`` stream)."""
+        needs ``dropout_rng=`` (a key) or ``rngs=`` (an nnx.Rngs with a ``dropout`` stream).
+        ``params`` (a tree like ``model.params``, as transformers' Flax classes take it) runs the
+        model with those parameter values instead of its own, e.g. under jax.grad."""
         return self._compiled_call(
             {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "head_mask": head_mask},
             {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
              "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
-            return_dict, train, dropout_rng, rngs,
+            return_dict, train, dropout_rng, rngs, params,
         )
 
     def forward(
@@ -641,6 +693,7 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
         rngs: nnx.Rngs | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> MaskedImageModelingOutput | tuple[Array, ...]:
         """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
         return self._compiled_call(
@@ -648,7 +701,7 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
             {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
              "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
-            return_dict, train, dropout_rng, rngs,
+            return_dict, train, dropout_rng, rngs, params,
         )
 
     def forward(
@@ -739,6 +792,7 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
         rngs: nnx.Rngs | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> ImageClassifierOutput | tuple[Array, ...]:
         """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
         return self._compiled_call(
@@ -746,7 +800,7 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
             {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
              "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
-            return_dict, train, dropout_rng, rngs,
+            return_dict, train, dropout_rng, rngs, params,
         )
 
     def forward(
@@ -837,6 +891,21 @@ def _check_dropout_rng(train: bool, dropout_rng: Array | None) -> Array | None:
         raise ValueError("train=True needs a dropout key: pass dropout_rng=jax.random.key(0) "
                          "(or rngs=nnx.Rngs(dropout=0) to model(...))")
     return dropout_rng
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    items: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            items += _flatten(value, prefix + (str(key),))
+        else:
+            items.append((prefix + (str(key),), value))
+    return items
+
+
+def _string_keys(tree: Mapping[Any, Any]) -> dict[str, Any]:
+    """nnx.List indices (ints) as the strings transformers' Flax params use."""
+    return {str(k): _string_keys(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def _static_dim(dim: Any) -> int:
