@@ -144,9 +144,9 @@ class ViTSelfAttention(nnx.Module):
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         self.scaling = self.attention_head_size**-0.5
         self.dropout_prob = dropout_prob
-        self.query = Linear(hidden_size, self.all_head_size, qkv_bias, dtype=dtype, param_dtype=param_dtype)
-        self.key = Linear(hidden_size, self.all_head_size, qkv_bias, dtype=dtype, param_dtype=param_dtype)
-        self.value = Linear(hidden_size, self.all_head_size, qkv_bias, dtype=dtype, param_dtype=param_dtype)
+        self.query = Linear(hidden_size, self.all_head_size, bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
+        self.key = Linear(hidden_size, self.all_head_size, bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
+        self.value = Linear(hidden_size, self.all_head_size, bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(
         self, hidden_states: Array, head_mask: Array | None = None, eager: bool = False,
@@ -309,41 +309,13 @@ class ViTPooler(nnx.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
-class StaticConfig:
-    """The model's ViTConfig as a static (graphdef) attribute.
-
-    ViTConfig is mutable and so unhashable, and the graphdef keys jax.jit's cache: this holder
-    hashes and compares the config's :func:`trace_key`, so two models of one architecture share
-    their compilations.
-    """
-
-    def __init__(self, config: ViTConfig) -> None:
-        self.config = config
-
-    def __hash__(self) -> int:
-        return hash(trace_key(self.config))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StaticConfig) and trace_key(other.config) == trace_key(self.config)
-
-    def __repr__(self) -> str:
-        return f"StaticConfig({type(self.config).__name__})"
-
-
-def trace_key(config: ViTConfig) -> str:
-    """Every config field a trace may read, as a string: the JSON config without the label names
-    (num_labels stays; id2label of a 1000-class model would make it 50 times longer)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
-    fields["num_labels"] = config.num_labels
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
 class FlaxViTPreTrainedModel(nnx.Module):
     """What the three model classes share: config, construction options, init, compiled call, loading, saving.
 
-    Not a transformers FlaxPreTrainedModel (no separate ``params`` dict): an nnx.Module whose
-    parameter paths are the canonical weight names with Flax leaves, so the files of
-    transformers' classes and ours are the same.
+    Not a transformers FlaxPreTrainedModel: an nnx.Module that holds its parameters, whose paths
+    are the canonical weight names with Flax leaves, so the files of transformers' classes and
+    ours are the same. transformers' Flax idioms still work: ``model.params`` (the same tree),
+    ``model(x, params=...)``, ``model.params = ...``, ``save_pretrained(dir, params=...)``.
     """
 
     base_model_prefix = "vit"
@@ -478,21 +450,28 @@ class FlaxViTPreTrainedModel(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, seed=seed, config_overrides=config_overrides,
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        params: Mapping[str, Any] | None = None,
+        max_shard_size: int | str | None = None,
+        safe_serialization: bool = True,
+    ) -> None:
         """Write ``config.json`` + ``model.safetensors`` (canonical names and PyTorch layouts, the file
-        every framework and transformers read; sharded above ``max_shard_size``)."""
-        weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size)
+        every framework and transformers read; sharded above ``max_shard_size``, e.g. "5GB").
 
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("options", "config_key"))
-def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Array | None],
-                 dropout_rng: Array | None, options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
-    """The compiled entry of every model class: merge and run ``forward``. jax.jit caches one
-    executable per (graphdef, options, config, input shapes and dtypes); changing ``model.config``
-    (say its ``problem_type``) retraces rather than reusing a stale compilation."""
-    del config_key  # only a cache key
-    model = nnx.merge(graphdef, state)
-    return model.forward(**inputs, **dict(options), return_dict=True, dropout_rng=dropout_rng)
+        ``params`` (a tree like ``model.params``, transformers Flax's argument) saves those values
+        instead of the model's own. ``safe_serialization=False`` (transformers Flax's msgpack) is not
+        written: use ``conversion.convert(dir, out, to="flax")`` for a flax_model.msgpack.
+        """
+        if not safe_serialization:
+            raise ValueError("vit_flax saves safetensors only; for a flax_model.msgpack run "
+                             "conversion.convert(saved_dir, out_dir, to='flax') (or `vitx convert --to flax`)")
+        model = self
+        if params is not None:
+            model = nnx.clone(self)
+            model.params = params
+        weights_io.save_pretrained_model(model, save_directory, max_shard_size=max_shard_size)
 
 
 class FlaxViTModel(FlaxViTPreTrainedModel):
@@ -851,6 +830,46 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
 
 
 # ------------------------------------------------------------------------------ small helpers
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("options", "config_key"))
+def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Array | None],
+                 dropout_rng: Array | None, options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
+    """The compiled entry of every model class: merge and run ``forward``. jax.jit caches one
+    executable per (graphdef, options, config, input shapes and dtypes); changing ``model.config``
+    (say its ``problem_type``) retraces rather than reusing a stale compilation."""
+    del config_key  # only a cache key
+    model = nnx.merge(graphdef, state)
+    return model.forward(**inputs, **dict(options), return_dict=True, dropout_rng=dropout_rng)
+
+
+class StaticConfig:
+    """The model's ViTConfig as a static (graphdef) attribute.
+
+    ViTConfig is mutable and so unhashable, and the graphdef keys jax.jit's cache: this holder
+    hashes and compares the config's :func:`trace_key`, so two models of one architecture share
+    their compilations.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        self.config = config
+
+    def __hash__(self) -> int:
+        return hash(trace_key(self.config))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StaticConfig) and trace_key(other.config) == trace_key(self.config)
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({type(self.config).__name__})"
+
+
+def trace_key(config: ViTConfig) -> str:
+    """Every config field a trace may read, as a string: the JSON config without the label names
+    (num_labels stays; id2label of a 1000-class model would make it 50 times longer)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    fields["num_labels"] = config.num_labels
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
