@@ -350,6 +350,24 @@ def test_training_applies_dropout_and_inference_is_deterministic() -> None:
     assert model(x, training=True, output_attentions=True).attentions[0].shape == (3, 4, 17, 17)
 
 
+def test_training_step_under_xla() -> None:
+    """A compiled training step: every weight gets a gradient, dropout draws new masks each step."""
+    model = TFViTForImageClassification(ViTConfig(**DROPOUT), seed=0)
+    x = make_inputs(CASES_BY_NAME["cls"])["pixel_values"]
+    labels = np.array([1, 2, 3])
+
+    @tf.function(jit_compile=True)
+    def step(x: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        with tf.GradientTape() as tape:
+            loss = model(x, labels=labels, training=True).loss
+        return loss, tape.gradient(loss, model.trainable_weights)
+
+    (loss1, grads), (loss2, _) = step(x, labels), step(x, labels)
+    assert len(grads) == len(model.canonical_table()) and all(g is not None for g in grads)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+    assert float(loss1) != float(loss2)
+
+
 def test_attention_dropout_alone_changes_outputs() -> None:
     model = TFViTModel(ViTConfig(**dict(TINY, attention_probs_dropout_prob=0.5)), seed=0)
     x = make_inputs(CASES_BY_NAME["tiny"])["pixel_values"]
@@ -509,6 +527,9 @@ def test_keras_layer_names_equal_attribute_names() -> None:
     def walk(layer: keras.Layer, where: str) -> int:
         count = 0
         for attr, value in vars(layer).items():
+            if attr == "_output":  # held privately, read through the ``output`` property
+                assert layer.output is value
+                attr = "output"
             children = value if isinstance(value, (list, tuple)) else [value]
             for index, child in enumerate(children):
                 if isinstance(child, keras.Layer) and not attr.startswith("_"):
@@ -532,6 +553,17 @@ def test_canonical_state_round_trip_is_bitwise(name: str, dtype: str) -> None:
         assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
         assert np.array_equal(back[key].view(np.uint16 if value.itemsize == 2 else np.uint32),
                               value.view(np.uint16 if value.itemsize == 2 else np.uint32)), key
+
+
+def test_keras_weights_file_round_trip(tmp_path: Any) -> None:
+    """model.save_weights / load_weights (Keras' own .weights.h5) restore every canonical weight."""
+    case = CASES_BY_NAME["mim"]
+    model = build(case)
+    model.save_weights(tmp_path / "model.weights.h5")
+    other = TFViTForMaskedImageModeling(case.vit_config, seed=1)
+    other.load_weights(tmp_path / "model.weights.h5")
+    want, got = canonical_state(model), canonical_state(other)
+    assert [k for k in want if not np.array_equal(want[k], got[k])] == []
 
 
 def test_strict_loading_reports_every_bad_key() -> None:

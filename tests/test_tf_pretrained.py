@@ -186,6 +186,23 @@ def test_transformers_tf_checkpoint_loads(safe: bool, tmp_path: pathlib.Path) ->
     assert diff < SMALL, f"differs from transformers TF by {diff:.2e}"
 
 
+def test_transformers_flax_checkpoints_load(tmp_path: pathlib.Path) -> None:
+    """flax_model.msgpack and Flax-flavoured safetensors written by transformers 4.57.6's
+    FlaxViTForImageClassification: the same weights, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("flax")
+    transformers_pt(CLS).save_pretrained(tmp_path / "pt")
+    theirs = transformers.FlaxViTForImageClassification.from_pretrained(tmp_path / "pt", from_pt=True)
+    theirs.save_pretrained(tmp_path / "msgpack")
+    theirs.save_pretrained(tmp_path / "safetensors", safe_serialization=True)
+    assert (tmp_path / "msgpack" / "flax_model.msgpack").exists()
+    state = make_state(CLS)
+    for kind in ("msgpack", "safetensors"):
+        ours = TFViTForImageClassification.from_pretrained(tmp_path / kind)
+        assert all(np.array_equal(v, state[k]) for k, v in canonical_state(ours).items()), kind
+
+
 @pytest.mark.parametrize("kind", ["flax_model.msgpack", "new-names-safetensors", "tf_model.h5-written-here"])
 def test_other_file_kinds_load(kind: str, tmp_path: pathlib.Path) -> None:
     """Flax msgpack, transformers 5.9+ key names, and an h5 written by vit_core: identical weights."""

@@ -212,9 +212,13 @@ class ViTSelfOutput(keras.Layer):
 class ViTAttention(keras.Layer):
     """ViTSelfAttention followed by its output projection."""
 
-    # keras.Layer.output is a read-only property (a functional graph's symbolic output); these
-    # layers are never used symbolically, and the canonical names call this sublayer "output".
-    output: keras.Layer | None = None
+    # keras.Layer.output is a read-only property (a functional graph's symbolic output), and Keras'
+    # weight files skip every attribute a bare keras.Layer has: the sublayer the canonical names call
+    # "output" lives in ``_output`` (saved by model.save_weights under that name) and ``output``
+    # returns it. These layers are never used symbolically.
+    @property
+    def output(self) -> ViTSelfOutput:
+        return self._output
 
     def __init__(self, hidden_size: int, num_attention_heads: int, qkv_bias: bool, attention_dropout_prob: float,
                  hidden_dropout_prob: float, *, dtype: str, name: str = "attention") -> None:
@@ -222,7 +226,7 @@ class ViTAttention(keras.Layer):
         with keras.name_scope(self.name, caller=self):
             self.attention = ViTSelfAttention(hidden_size, num_attention_heads, qkv_bias, attention_dropout_prob,
                                               dtype=dtype)
-            self.output = ViTSelfOutput(hidden_size, hidden_dropout_prob, dtype=dtype)
+            self._output = ViTSelfOutput(hidden_size, hidden_dropout_prob, dtype=dtype)
         self.built = True
 
     def call(
@@ -265,7 +269,9 @@ class ViTOutput(keras.Layer):
 class ViTLayer(keras.Layer):
     """Pre-norm transformer block: x + attention(LN(x)), then + MLP(LN(.))."""
 
-    output: keras.Layer | None = None  # the canonical "output" sublayer, as in ViTAttention
+    @property
+    def output(self) -> ViTOutput:  # the canonical "output" sublayer, stored as in ViTAttention
+        return self._output
 
     def __init__(self, config: ViTConfig, *, dtype: str, name: str) -> None:
         super().__init__(name=name, dtype=dtype)
@@ -276,7 +282,7 @@ class ViTLayer(keras.Layer):
                                           config.attention_probs_dropout_prob, config.hidden_dropout_prob, dtype=dtype)
             self.layernorm_after = layer_norm(d, eps, dtype=dtype, name="layernorm_after")
             self.intermediate = ViTIntermediate(d, config.intermediate_size, config.hidden_act, dtype=dtype)
-            self.output = ViTOutput(config.intermediate_size, d, config.hidden_dropout_prob, dtype=dtype)
+            self._output = ViTOutput(config.intermediate_size, d, config.hidden_dropout_prob, dtype=dtype)
         self.built = True
 
     def call(
@@ -387,25 +393,27 @@ class TFViTPreTrainedModel(keras.Model):
         return weight_table(self.config, self.task)
 
     # -------------------------------------------------------------------------- properties
-    @property
-    def base_model(self) -> TFViTModel:
+    # No transformers-style ``base_model`` property: Keras' weight saving walks every attribute, and
+    # one that returns the model itself (TFViTModel) would recurse forever in ``load_weights``.
+    def _backbone(self) -> TFViTModel:
         return getattr(self, self.base_model_prefix, self)
 
     @property
     def attn_implementation(self) -> str:
         """"fused" or "eager" (settable); output_attentions or a head mask take the eager path anyway."""
-        return self.base_model._attn_implementation
+        return self._backbone()._attn_implementation
 
     @attn_implementation.setter
     def attn_implementation(self, value: str | None) -> None:
-        self.base_model._attn_implementation = resolve_attn_implementation(value)
+        self._backbone()._attn_implementation = resolve_attn_implementation(value)
 
     def get_input_embeddings(self) -> ViTPatchEmbeddings:
-        return self.base_model.embeddings.patch_embeddings
+        return self._backbone().embeddings.patch_embeddings
 
     def num_parameters(self, only_trainable: bool = False) -> int:
-        """Number of parameters (only the canonical weights; dropout seed states are not parameters)."""
-        return int(sum(np.prod(spec.shape) for spec in self.canonical_table()))
+        """Number of parameters: the canonical weights (dropout seed states are not parameters)."""
+        variables = [weights_io.get_variable(self, spec.name) for spec in self.canonical_table()]
+        return int(sum(np.prod(v.shape) for v in variables if v.trainable or not only_trainable))
 
     # -------------------------------------------------------------------------- checkpoints
     @classmethod
