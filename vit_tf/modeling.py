@@ -438,8 +438,9 @@ class TFViTPreTrainedModel(keras.Model):
 
         ``config_overrides`` (e.g. ``num_labels=10``) change the checkpoint's config. Heads the
         checkpoint lacks keep their random init (with a warning); ``ignore_mismatched_sizes``
-        re-initialises heads whose shape differs. ``from_pt`` is accepted for transformers
-        compatibility and changes nothing: the file kind is detected from its contents.
+        re-initialises heads whose shape differs. ``dtype``: float32 (default), bfloat16, float16 or
+        "auto" (the checkpoint config's). ``from_pt`` is accepted for transformers compatibility and
+        changes nothing: the file kind is detected from its contents.
         """
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,

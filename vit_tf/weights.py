@@ -200,8 +200,8 @@ def load_pretrained_model(
     seed: int | None,
     config_overrides: dict[str, Any],
 ) -> TFViTPreTrainedModel:
-    """``cls.from_pretrained``: read with vit_core.pretrained, build ``cls`` in ``dtype`` (random init
-    for what the checkpoint lacks), copy the weights in."""
+    """``cls.from_pretrained``: read with vit_core.pretrained, build ``cls`` in ``dtype`` ("auto": the
+    checkpoint config's dtype) with random init for what the checkpoint lacks, copy the weights in."""
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -212,10 +212,21 @@ def load_pretrained_model(
         token=token, local_files_only=local_files_only, ignore_mismatched_sizes=ignore_mismatched_sizes,
         config_overrides=config_overrides,
     )
+    if dtype == "auto":  # transformers' spelling: the dtype the checkpoint's config.json names
+        dtype = _config_dtype(config)
     model = cls(config, attn_implementation=attn_implementation, dtype=dtype, seed=seed, **model_kwargs)
     keep_init = list(report.missing) + [name for name, _, _ in report.mismatched]
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
     return model
+
+
+def _config_dtype(config: ViTConfig) -> str:
+    """config.json's ``dtype`` / ``torch_dtype`` when it is float32, bfloat16 or float16, else float32."""
+    for key in ("dtype", "torch_dtype"):
+        name = config.extra.get(key)
+        if isinstance(name, str) and name.removeprefix("torch.") in ("float32", "bfloat16", "float16"):
+            return name.removeprefix("torch.")
+    return "float32"
 
 
 def save_pretrained_model(
