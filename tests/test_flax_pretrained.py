@@ -109,7 +109,7 @@ def their_pt_model(transformers: Any, task: str, config: ViTConfig, state: dict[
     cls = {"base": transformers.ViTModel, "classification": transformers.ViTForImageClassification,
            "mim": transformers.ViTForMaskedImageModeling}[task]
     model = cls(theirs_config)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     return model.eval()
 
 

@@ -5,9 +5,10 @@ its canonical name in vit_core.weights, with Flax's leaf names (``kernel``, ``sc
 weights.py); framework primitives live in layers.py. vit_torch/modeling.py and vit_tf/modeling.py
 define the same classes in the same order with the same names.
 
-Calling a model runs its ``forward`` compiled: ``jax.jit`` of ``nnx.merge(graphdef, state).forward``
-with the options static, so each input shape and option set is traced once. ``forward`` itself is
-a plain traceable function: use it under your own ``jax.jit`` / ``jax.grad`` / ``jax.vmap``
+Calling a model runs its ``forward`` compiled: ``jax.jit`` with the model passed as a pytree and
+the options static, so each input shape and option set is traced once (and shared by models of
+the same architecture). ``forward`` itself is a plain traceable function: use it under your own
+``jax.jit`` / ``jax.grad`` / ``jax.vmap``, e.g. as ``nnx.merge(graphdef, state).forward(...)``
 after ``graphdef, state = nnx.split(model)``.
 """
 
@@ -370,49 +371,53 @@ class FlaxViTPreTrainedModel(nnx.Module):
     def params(self) -> dict[str, Any]:
         """The parameters as transformers' Flax classes hold them: a nested dict of arrays with the
         same paths and layouts (layer indices as strings), e.g. ``params["vit"]["encoder"]["layer"]["0"]``."""
-        return _string_keys(nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+        tree: dict[str, Any] = {}
+        for path, value in zip(*_parameter_paths(self)[:2]):
+            node = tree
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        return tree
 
     def __setattr__(self, name: str, value: Any) -> None:
         # ``model.params = new_params`` (transformers Flax) updates the values in place; nnx's own
         # __setattr__ checks attribute values before a property setter could run.
         if name == "params":
-            nnx.update(self, self._state_from_params(value))
+            nnx.update(self, nnx.state(self.with_params(value)))
             return
         super().__setattr__(name, value)
 
-    def _state_from_params(self, params: Mapping[str, Any]) -> nnx.State:
-        """This model's parameter state with the values of a transformers-style ``params`` tree
-        (also traced values, under jax.grad). Missing, unexpected and mis-shaped entries raise together."""
-        state = nnx.state(self, nnx.Param)
-        expected = {"/".join(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
-        given = {"/".join(path): tuple(np.shape(v)) for path, v in _flatten(params)}
-        problems = ([f"missing {k} {shape}" for k, shape in expected.items() if k not in given]
-                    + [f"unexpected {k} {shape}" for k, shape in given.items() if k not in expected]
-                    + [f"{k}: given {given[k]} vs model {shape}" for k, shape in expected.items()
-                       if k in given and given[k] != shape])
+    def with_params(self, params: Mapping[str, Any]) -> FlaxViTPreTrainedModel:
+        """A model of this architecture holding ``params`` (a tree like ``model.params``; traced
+        values too, under jax.grad); this model is unchanged. Missing, unexpected and mis-shaped
+        entries raise together."""
+        paths, leaves, treedef = _parameter_paths(self)
+        given = {path: value for path, value in _flatten(params)}
+        expected = dict(zip(paths, (tuple(np.shape(leaf)) for leaf in leaves)))
+        problems = ([f"missing {'/'.join(k)} {shape}" for k, shape in expected.items() if k not in given]
+                    + [f"unexpected {'/'.join(k)} {np.shape(v)}" for k, v in given.items() if k not in expected]
+                    + [f"{'/'.join(k)}: given {np.shape(given[k])} vs model {shape}" for k, shape in expected.items()
+                       if k in given and tuple(np.shape(given[k])) != shape])
         if problems:
             raise ValueError(f"params do not fit {type(self).__name__}: " + "; ".join(problems))
-        new_state = jax.tree_util.tree_map(lambda x: x, state)  # new Variables: the model keeps its own
-        nnx.replace_by_pure_dict(new_state, dict(params))  # matches "0" to the nnx.List index 0
-        return new_state
+        return jax.tree_util.tree_unflatten(treedef, [given[path] for path in paths])
 
     # -------------------------------------------------------------------------- compiled call
     def _compiled_call(
         self, inputs: dict[str, Array | None], options: dict[str, bool], return_dict: bool | None, train: bool,
         dropout_rng: Array | None, rngs: nnx.Rngs | None, params: Mapping[str, Any] | None,
     ) -> Any:
-        """Run ``forward`` through the jit cache: arrays traced, options static, graphdef static.
-        ``params`` (transformers Flax's argument) replaces the model's own parameter values."""
+        """Run ``forward`` through the jit cache: the model goes in as a pytree (parameters traced,
+        structure and static attributes in the cache key), options static. ``params``
+        (transformers Flax's argument) replaces the model's own parameter values."""
         if rngs is not None:
             if dropout_rng is not None:
                 raise ValueError("pass either dropout_rng= or rngs=, not both")
             dropout_rng = rngs.dropout() if train else None
         inputs = {name: None if value is None else jnp.asarray(value) for name, value in inputs.items()}
-        graphdef, state = nnx.split(self)
-        if params is not None:
-            state = self._state_from_params(params)
-        # config_key: a snapshot, since the graphdef in jax's cache holds the live (mutable) config
-        output = _jit_forward(graphdef, state, inputs, dropout_rng,
+        model = self if params is None else self.with_params(params)
+        # config_key: a snapshot, since the model structure in jax's cache holds the live (mutable) config
+        output = _jit_forward(model, inputs, dropout_rng,
                               options=tuple(sorted(options.items())) + (("train", bool(train)),),
                               config_key=trace_key(self.config))
         return output if _flag(return_dict, self.config, "return_dict", True) else output.to_tuple()
@@ -467,10 +472,7 @@ class FlaxViTPreTrainedModel(nnx.Module):
         if not safe_serialization:
             raise ValueError("vit_flax saves safetensors only; for a flax_model.msgpack run "
                              "conversion.convert(saved_dir, out_dir, to='flax') (or `vitx convert --to flax`)")
-        model = self
-        if params is not None:
-            model = nnx.clone(self)
-            model.params = params
+        model = self if params is None else self.with_params(params)
         weights_io.save_pretrained_model(model, save_directory, max_shard_size=max_shard_size)
 
 
@@ -830,14 +832,14 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
 
 
 # ------------------------------------------------------------------------------ small helpers
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("options", "config_key"))
-def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Array | None],
-                 dropout_rng: Array | None, options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
-    """The compiled entry of every model class: merge and run ``forward``. jax.jit caches one
-    executable per (graphdef, options, config, input shapes and dtypes); changing ``model.config``
-    (say its ``problem_type``) retraces rather than reusing a stale compilation."""
+@functools.partial(jax.jit, static_argnames=("options", "config_key"))
+def _jit_forward(model: FlaxViTPreTrainedModel, inputs: dict[str, Array | None], dropout_rng: Array | None,
+                 options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
+    """The compiled entry of every model class: ``model.forward``, with the model passed as a pytree
+    (nnx modules are pytrees; flattening one is ~40x cheaper than nnx.split). jax.jit caches one
+    executable per (model structure, options, config, input shapes and dtypes); changing
+    ``model.config`` (say its ``problem_type``) retraces rather than reusing a stale compilation."""
     del config_key  # only a cache key
-    model = nnx.merge(graphdef, state)
     return model.forward(**inputs, **dict(options), return_dict=True, dropout_rng=dropout_rng)
 
 
@@ -922,9 +924,13 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tupl
     return items
 
 
-def _string_keys(tree: Mapping[Any, Any]) -> dict[str, Any]:
-    """nnx.List indices (ints) as the strings transformers' Flax params use."""
-    return {str(k): _string_keys(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+def _parameter_paths(model: nnx.Module) -> tuple[list[tuple[str, ...]], list[Any], Any]:
+    """The model's pytree leaves (its parameters) with transformers-Flax paths ("0" for nnx.List
+    items, no trailing ``value``), and the treedef to rebuild the model from new leaves."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(model)
+    paths = [tuple(str(k.name) if isinstance(k, jax.tree_util.GetAttrKey) else str(getattr(k, "idx", k))
+                   for k in path[:-1]) for path, _ in with_paths]  # path[-1] is the Variable's .value
+    return paths, [leaf for _, leaf in with_paths], treedef
 
 
 def _static_dim(dim: Any) -> int:
