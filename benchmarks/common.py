@@ -136,6 +136,7 @@ class Timing:
     first_call_s: float
     warmup_calls: int
     times: list[float]
+    cpu_times: list[float]  # process CPU seconds per call (all threads): a load-independent cross-check
 
     @property
     def median_s(self) -> float:
@@ -155,17 +156,19 @@ def time_calls(call: Callable[[], Any], *, min_runs: int, min_time_s: float, max
     for _ in range(warmup_calls - 1):
         call()
     times: list[float] = []
+    cpu_times: list[float] = []
     began = time.perf_counter()
     while True:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         spent = time.perf_counter() - began
         if len(times) >= max_runs or (spent >= max_time_s and len(times) >= 3):
             break
         if len(times) >= min_runs and spent >= min_time_s:
             break
-    return Timing(first_call_s=first, warmup_calls=warmup_calls, times=times)
+    return Timing(first_call_s=first, warmup_calls=warmup_calls, times=times, cpu_times=cpu_times)
 
 
 def emit(result: dict[str, Any]) -> None:

