@@ -12,10 +12,8 @@ rule mapping them to canonical names lives in ``vit_flax.weights``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 import functools
-from functools import lru_cache
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +26,6 @@ Array = jax.Array
 DType = jnp.dtype | type
 
 # ----------------------------------------------------------------------------------- activations
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
 def gelu_fast(x: Array) -> Array:
     """transformers "gelu_fast": the tanh form written as x * 0.7978845608 * (1 + 0.044715 x^2)."""
     return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
@@ -233,7 +228,7 @@ def split_rng(rng: Array | None, n: int) -> list[Array | None]:
     return list(jax.random.split(rng, n))
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _bicubic_matrix_f32(in_size: int, out_size: int) -> np.ndarray:
     return bicubic_matrix(in_size, out_size, dtype=np.float32)
 
