@@ -380,6 +380,32 @@ def test_from_pretrained_dtypes_and_options(tmp_path: pathlib.Path) -> None:
     assert relabelled.config.id2label[3] == "c3"
 
 
+# ------------------------------------------------------------------------------ hub ids (offline cache)
+def test_hub_id_from_offline_cache_honours_revision(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id resolves through huggingface_hub's cache layout (HF_HUB_OFFLINE), with revision= and cache_dir=."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commits = {"main": "a" * 40, "v2": "b" * 40}
+    repo = tmp_path / "hub" / "models--vitx-test--tiny-vit"
+    states = {}
+    for ref, (seed, labels) in {"main": (8, 5), "v2": (9, 3)}.items():
+        model = seeded_model("classification", seed=seed, num_labels=labels)
+        model.save_pretrained(repo / "snapshots" / commits[ref])
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commits[ref])
+        states[ref] = canonical_state(model)
+    main = FlaxViTForImageClassification.from_pretrained("vitx-test/tiny-vit", cache_dir=tmp_path / "hub")
+    assert_same_state(canonical_state(main), states["main"], "hub main")
+    v2 = FlaxViTForImageClassification.from_pretrained("vitx-test/tiny-vit", cache_dir=tmp_path / "hub", revision="v2")
+    assert v2.config.num_labels == 3
+    assert_same_state(canonical_state(v2), states["v2"], "hub revision v2")
+    with pytest.raises((ValueError, OSError), match="vitx-test/tiny-vit"):
+        FlaxViTForImageClassification.from_pretrained("vitx-test/tiny-vit", cache_dir=tmp_path / "hub", revision="v3")
+
+
 # ------------------------------------------------------------------------------ ViT-B/16 on real photos
 @pytest.mark.slow
 def test_vit_base_on_real_photos_matches_reference_and_transformers(transformers: Any) -> None:
