@@ -34,7 +34,7 @@ from vit_tf import (  # noqa: E402
     load_canonical_state,
 )
 
-from .cases import TINY, Case, make_inputs, make_state  # noqa: E402
+from .cases import Case, make_inputs, make_state  # noqa: E402
 
 SMALL = TOLERANCES["small"]
 BASE_REAL = TOLERANCES["base_real_images"]
