@@ -376,8 +376,9 @@ def test_from_pretrained_dtypes_and_options(tmp_path: pathlib.Path) -> None:
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back = FlaxViTForImageClassification.from_pretrained(tmp_path / "bf16", param_dtype="bfloat16")
     assert_same_state(canonical_state(back), canonical_state(half), "bf16 round trip")
-    relabelled = FlaxViTForImageClassification.from_pretrained(tmp_path, id2label={i: f"c{i}" for i in range(5)})
-    assert relabelled.config.id2label[3] == "c3"
+    relabelled = FlaxViTForImageClassification.from_pretrained(tmp_path, id2label={i: f"c{i}" for i in range(5)},
+                                                               from_pt=True)  # transformers' spelling, accepted
+    assert relabelled.config.id2label[3] == "c3" and "from_pt" not in relabelled.config.to_dict()
 
 
 # ------------------------------------------------------------------------------ hub ids (offline cache)

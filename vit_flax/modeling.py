@@ -438,6 +438,7 @@ class FlaxViTPreTrainedModel(nnx.Module):
         dtype: DType | None = None,
         param_dtype: DType | None = None,
         seed: int = 0,
+        from_pt: bool = False,
         **config_overrides: Any,
     ) -> FlaxViTPreTrainedModel:
         """Load a checkpoint directory, weights file or hub id (any format vit_core reads: safetensors,
@@ -446,8 +447,10 @@ class FlaxViTPreTrainedModel(nnx.Module):
         ``config_overrides`` (e.g. ``num_labels=10``) change the checkpoint's config. Heads the
         checkpoint lacks get a random init (seeded by ``seed``, with a warning);
         ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` is the
-        compute dtype, ``param_dtype`` the storage dtype (both float32 by default).
+        compute dtype, ``param_dtype`` the storage dtype (both float32 by default). ``from_pt`` is
+        accepted for transformers' spelling and changes nothing: the format is read from the files.
         """
+        del from_pt  # transformers' spelling; every format is detected from its contents
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,
             cache_dir=cache_dir, token=token, local_files_only=local_files_only,
@@ -532,9 +535,11 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         dtype: DType | None = None,
         param_dtype: DType | None = None,
         seed: int = 0,
+        from_pt: bool = False,
         **config_overrides: Any,
     ) -> FlaxViTModel:
         """As FlaxViTPreTrainedModel.from_pretrained, plus FlaxViTModel's ``add_pooling_layer`` / ``use_mask_token``."""
+        del from_pt  # transformers' spelling; every format is detected from its contents
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path,
             model_kwargs={"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token},
