@@ -849,11 +849,11 @@ def _jit_forward(model: FlaxViTPreTrainedModel, inputs: dict[str, Array | None],
 
 
 class StaticConfig:
-    """The model's ViTConfig as a static (graphdef) attribute.
+    """The model's ViTConfig as a static attribute (part of the model's pytree structure).
 
-    ViTConfig is mutable and so unhashable, and the graphdef keys jax.jit's cache: this holder
-    hashes and compares the config's :func:`trace_key`, so two models of one architecture share
-    their compilations.
+    ViTConfig is mutable and so unhashable, and the pytree structure keys jax.jit's cache (and
+    nnx's graphdef): this holder hashes and compares the config's :func:`trace_key`, so two models
+    of one architecture share their compilations.
     """
 
     def __init__(self, config: ViTConfig) -> None:
