@@ -38,7 +38,17 @@ MODEL_SPECS: dict[str, dict[str, int]] = {
 NUM_LABELS = 1000
 NUM_CHANNELS = 3
 LAYER_NORM_EPS = 1e-6
-TIMM_NAMES = {"S/16": "vit_small_patch16_224", "B/16": "vit_base_patch16_224"}
+TIMM_NAMES = {"S/16": "vit_small_patch16_224", "B/16": "vit_base_patch16_224", "tiny": "vit_small_patch16_224"}
+
+
+def timm_kwargs(model: str) -> dict[str, Any]:
+    """timm.create_model overrides that give the benchmark model's shape (none for S/16, B/16)."""
+    if model in ("S/16", "B/16"):
+        return {}
+    s = MODEL_SPECS[model]
+    return dict(img_size=s["image_size"], patch_size=s["patch_size"], embed_dim=s["hidden_size"],
+                depth=s["num_hidden_layers"], num_heads=s["num_attention_heads"],
+                mlp_ratio=s["intermediate_size"] / s["hidden_size"])
 
 
 def model_slug(model: str) -> str:

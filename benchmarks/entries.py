@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import TIMM_NAMES
+from .common import TIMM_NAMES, timm_kwargs
 
 Call = Callable[[], np.ndarray]
 Builder = Callable[[pathlib.Path, str, str, np.ndarray], Call]
@@ -100,7 +100,8 @@ def _timm(compiled: bool) -> Builder:
 
         # timm's own file-loading path (pretrained=True with a local file), fused qkv + F.sdpa.
         module = timm.create_model(TIMM_NAMES[model], pretrained=True, num_classes=1000,
-                                   pretrained_cfg_overlay=dict(file=str(directory / "timm.safetensors")))
+                                   pretrained_cfg_overlay=dict(file=str(directory / "timm.safetensors")),
+                                   **timm_kwargs(model))
         module = module.eval().to(_torch_dtype(dtype))
         if compiled:
             return _torch_call(_compile(module), pixels, dtype, grad_mode="no_grad")

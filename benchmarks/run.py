@@ -70,7 +70,7 @@ def run_child(venv: str, module: str, args: list[str], threads: int, timeout_s: 
     command = [python, "-m", module, *args]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}

@@ -23,6 +23,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .common import (  # noqa: E402
+    TIMM_NAMES,
     emit,
     fixture_dir,
     load_average,
@@ -30,6 +31,7 @@ from .common import (  # noqa: E402
     peak_rss_mb,
     set_threads,
     time_calls,
+    timm_kwargs,
     versions,
 )
 
@@ -93,14 +95,15 @@ def _cold_hf5_torch(directory, pixels):
     return imported, loaded, lambda: _no_grad(torch, lambda: model(torch.from_numpy(pixels)).logits.numpy())
 
 
-def _cold_timm(directory, pixels, model_name):
+def _cold_timm(directory, pixels, model):
     t = time.perf_counter()
     import timm
     import torch
     imported = time.perf_counter() - t
     t = time.perf_counter()
-    model = timm.create_model(model_name, pretrained=True, num_classes=1000,
-                              pretrained_cfg_overlay=dict(file=str(directory / "timm.safetensors"))).eval()
+    model = timm.create_model(TIMM_NAMES[model], pretrained=True, num_classes=1000,
+                              pretrained_cfg_overlay=dict(file=str(directory / "timm.safetensors")),
+                              **timm_kwargs(model)).eval()
     loaded = time.perf_counter() - t
     return imported, loaded, lambda: _no_grad(torch, lambda: model(torch.from_numpy(pixels)).numpy())
 
@@ -164,13 +167,11 @@ COLD: dict[str, tuple[str, str, bool, Callable[..., Any]]] = {
 
 
 def run_cold(args: argparse.Namespace) -> dict[str, Any]:
-    from .common import TIMM_NAMES
-
     framework, _, vitx, loader = COLD[args.entry]
     pixels = load_inputs(args.model, 1)
     directory = fixture_dir(args.model)
     started = time.perf_counter()
-    extra = (TIMM_NAMES.get(args.model, "vit_small_patch16_224"),) if args.entry == "timm-torch" else ()
+    extra = (args.model,) if args.entry == "timm-torch" else ()
     import_s, load_s, call = loader(directory, pixels, *extra)
     set_threads(framework, args.threads)
     t = time.perf_counter()
