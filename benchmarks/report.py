@@ -91,7 +91,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines: list[str] = []
     machine = report["machine"]
     settings = report["settings"]
-    lines += [f"# vitx benchmark ({report['started']})", "",
+    lines += [f"# vitx benchmark ({report['started']}, commit {report.get('git_commit')})", "",
               f"{machine['cpu']}, {machine['cores']} cores, {settings['threads']} threads per framework; "
               f"load average at start {tuple(round(x, 2) for x in machine['load_average_at_start'])}, "
               f"at end {tuple(round(x, 2) for x in machine.get('load_average_at_end', (0, 0, 0)))}. "

@@ -85,6 +85,20 @@ def run_child(venv: str, module: str, args: list[str], threads: int, timeout_s: 
     return result
 
 
+def _git_commit() -> str | None:
+    """HEAD of the repository (+ "-dirty" with uncommitted changes): what the vitx numbers ran."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
@@ -126,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now()
     report: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "load_average_at_start": load_average()},
         "settings": {"quick": quick, "models": models, "batches": batches, "dtypes": dtypes,
