@@ -52,9 +52,9 @@ def _file_kind(path: pathlib.Path) -> str:
     """npz, safetensors, torch, h5, msgpack or index, from the first bytes."""
     if io.is_npz(path):
         return "npz"
-    from vit_core.checkpoint_io import _detect_kind  # the shared magic-byte sniffer
+    from vit_core.checkpoint_io import detect_kind
 
-    return _detect_kind(path)
+    return detect_kind(path)
 
 
 def _config_beside(weights: pathlib.Path) -> tuple[pathlib.Path | None, dict[str, Any] | None]:
@@ -112,9 +112,9 @@ def open_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = Non
             raw, _ = io.read_safetensors_lazy(weights)
             return _read_timm(raw, weights, where, timm_model_name, timm_config, config_path)
     elif kind == "torch":
-        from vit_core.checkpoint_io import _read_raw  # the restricted torch-zip unpickler
+        from vit_core.checkpoint_io import read_raw_state_dict
 
-        raw_arrays, _ = _read_raw(weights)
+        raw_arrays, _ = read_raw_state_dict(weights)
         keys = set(raw_arrays)
         if timm.detect(keys) is not None:
             from .rules import lazify

@@ -43,9 +43,9 @@ def read_raw(path: pathlib.Path) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         return load_file(str(path))
-    from vit_core.checkpoint_io import _read_raw
+    from vit_core.checkpoint_io import read_raw_state_dict
 
-    return _read_raw(path)[0]
+    return read_raw_state_dict(path)[0]
 
 
 def assert_bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:

@@ -100,14 +100,14 @@ def test_transformers_files_round_trip_bitwise(made, kind: str, tmp_path: pathli
     middle = convert(made[f"cls-{kind}"], tmp_path / "middle", to="safetensors").path
     back = convert(middle, tmp_path / "back", to=target).path
     name = {"tf": "tf_model.h5", "flax": "flax_model.msgpack", "bin": "pytorch_model.bin"}[kind]
-    from vit_core.checkpoint_io import _read_raw
+    from vit_core.checkpoint_io import read_raw_state_dict
 
-    assert_bitwise(_read_raw(made[f"cls-{kind}"] / name)[0], _read_raw(back / name)[0], kind)
+    assert_bitwise(read_raw_state_dict(made[f"cls-{kind}"] / name)[0], read_raw_state_dict(back / name)[0], kind)
 
 
 def test_streaming_writers_match_checkpoint_io_writers(made, tmp_path: pathlib.Path) -> None:
     """conversion's streaming TF / Flax writers produce what vit_core.checkpoint_io's writers produce."""
-    from vit_core.checkpoint_io import _read_raw, write_flax_msgpack, write_tf_h5
+    from vit_core.checkpoint_io import read_raw_state_dict, write_flax_msgpack, write_tf_h5
 
     from conversion.formats import transformers as hf
 
@@ -115,7 +115,7 @@ def test_streaming_writers_match_checkpoint_io_writers(made, tmp_path: pathlib.P
         state, config = load_checkpoint(made[f"{task}-pt"])
         write_tf_h5(state, tmp_path / f"{task}-io.h5")
         hf.write_tf_h5(tmp_path / f"{task}-conv.h5", lazify(state), config)
-        assert_bitwise(_read_raw(tmp_path / f"{task}-io.h5")[0], _read_raw(tmp_path / f"{task}-conv.h5")[0], "h5")
+        assert_bitwise(read_raw_state_dict(tmp_path / f"{task}-io.h5")[0], read_raw_state_dict(tmp_path / f"{task}-conv.h5")[0], "h5")
         write_flax_msgpack(state, tmp_path / f"{task}-io.msgpack")
         hf.write_flax_msgpack(tmp_path / f"{task}-conv.msgpack", lazify(state), config)
         assert (tmp_path / f"{task}-io.msgpack").read_bytes() == (tmp_path / f"{task}-conv.msgpack").read_bytes()

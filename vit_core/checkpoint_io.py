@@ -371,7 +371,7 @@ _SUFFIX_KINDS = (
 )
 
 
-def _detect_kind(path: pathlib.Path) -> str:
+def detect_kind(path: pathlib.Path) -> str:
     """The file's format from its first bytes: safetensors, torch (zip), torch_legacy, h5, msgpack, index."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -429,7 +429,7 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
         path = find_weights_file(path)
     elif not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
-    raw, flavour = _read_raw(path)
+    raw, flavour = read_raw_state_dict(path)
     state = _canonicalize(raw, flavour, path)
     try:
         return to_legacy_names(state)
@@ -437,12 +437,12 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _read_raw(path: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
+def read_raw_state_dict(path: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
     """One file (or one index and its shards) -> (keys in the file's own naming, flavour pt|tf|flax).
 
     TF keys lose their model-name component here; Flax keys are '/'-joined paths.
     """
-    kind = _detect_kind(path)
+    kind = detect_kind(path)
     if kind == "index":
         return _read_index(path)
     readers: dict[str, Callable[[pathlib.Path], tuple[dict[str, np.ndarray], str]]] = {
@@ -616,9 +616,9 @@ def _read_index(path: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
         shard_path = path.parent / shard
         if not shard_path.is_file():
             raise CheckpointNotFoundError(f"{path}: shard {shard!r} is missing")
-        if _detect_kind(shard_path) == "index":
+        if detect_kind(shard_path) == "index":
             raise CheckpointError(f"{path}: shard {shard!r} is itself an index")
-        part, flavour = _read_raw(shard_path)
+        part, flavour = read_raw_state_dict(shard_path)
         flavours.add(flavour)
         for key, value in part.items():
             if key in state:
@@ -1370,3 +1370,39 @@ def match_state_to_model(
         logger.warning("%s: shapes differ, newly initialised: %s", where,
                        ", ".join(f"{k} (file {fs}, model {ms})" for k, fs, ms in report.mismatched))
     return out, report
+
+
+def check_state_fits_table(
+    state: Mapping[str, np.ndarray],
+    table: Iterable[Any],
+    *,
+    allow_missing: Iterable[str] = (),
+    source: str = "state dict",
+    model_name: str = "the model",
+) -> None:
+    """Strict check before copying a canonical state into a framework model (each weights.py calls it).
+
+    Every table entry (``WeightSpec``: name, shape) must be present, except names in
+    ``allow_missing``, with the table's shape, and no other key may appear. All missing,
+    unexpected and mis-shaped keys are raised together in one CheckpointError naming each with its
+    shapes.
+    """
+    specs = {spec.name: tuple(spec.shape) for spec in table}
+    allowed = set(allow_missing)
+    missing = [name for name in specs if name not in state and name not in allowed]
+    unexpected = [name for name in state if name not in specs]
+    mismatched = [(name, tuple(np.shape(state[name])), specs[name])
+                  for name in specs if name in state and tuple(np.shape(state[name])) != specs[name]]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not fit {model_name}:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}; model shape):")
+        lines += [f"    {name} {specs[name]}" for name in missing]
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}; given shape):")
+        lines += [f"    {name} {tuple(np.shape(state[name]))}" for name in unexpected]
+    if mismatched:
+        lines.append(f"  wrong shape ({len(mismatched)}):")
+        lines += [f"    {name}: given {given} vs model {want}" for name, given, want in mismatched]
+    raise CheckpointError("\n".join(lines))

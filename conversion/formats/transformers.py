@@ -81,9 +81,9 @@ def read_lazy(weights: pathlib.Path) -> LazyState:
         state, _ = io.read_safetensors_lazy(weights)
         return to_legacy_names(state)
     else:
-        from vit_core.checkpoint_io import _detect_kind  # the shared magic-byte sniffer
+        from vit_core.checkpoint_io import detect_kind
 
-        kind = _detect_kind(weights)
+        kind = detect_kind(weights)
         if kind == "safetensors" and _pt_safetensors(weights):
             state, _ = io.read_safetensors_lazy(weights)
             return to_legacy_names(state)
