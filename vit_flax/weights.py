@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vit_core import pretrained as core_pretrained
-from vit_core.checkpoint_io import CheckpointError
+from vit_core.checkpoint_io import check_state_fits_table
 from vit_core.config import ViTConfig
 from vit_core.weights import KINDS, WeightSpec, weight_table
 
@@ -135,23 +135,8 @@ def load_canonical_state(
     """
     table = model.canonical_table()
     specs = {spec.name: spec for spec in table}
-    allowed = set(allow_missing)
-    missing = [name for name in specs if name not in state and name not in allowed]
-    unexpected = [name for name in state if name not in specs]
-    mismatched = [(name, tuple(np.shape(state[name])), specs[name].shape)
-                  for name in specs if name in state and tuple(np.shape(state[name])) != specs[name].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}; model shape):")
-            lines += [f"    {name} {specs[name].shape}" for name in missing]
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}; given shape):")
-            lines += [f"    {name} {tuple(np.shape(state[name]))}" for name in unexpected]
-        if mismatched:
-            lines.append(f"  wrong shape ({len(mismatched)}):")
-            lines += [f"    {name}: given {given} vs model {want}" for name, given, want in mismatched]
-        raise CheckpointError("\n".join(lines))
+    check_state_fits_table(state, specs.values(), allow_missing=allow_missing, source=source,
+                           model_name=type(model).__name__)
     for name, spec in specs.items():
         if name not in state:
             continue
