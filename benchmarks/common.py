@@ -219,3 +219,29 @@ def cpu_name() -> str:
 def load_average() -> tuple[float, float, float]:
     """os.getloadavg(): other processes on the machine make timings noisy; recorded with each run."""
     return os.getloadavg()
+
+
+def cpu_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat; None off Linux."""
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's finished children (ru_utime + ru_stime)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def foreign_load(seconds: float = 1.0) -> float | None:
+    """Cores kept busy by other processes over the next ``seconds`` (this process sleeps)."""
+    before = cpu_busy_seconds()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = cpu_busy_seconds()
+    return None if after is None else (after - before) / seconds

@@ -118,7 +118,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     speed = report.get("speed", [])
     if speed:
         lines += ["## Images per second", "",
-                  "Cell: images/s · ratio to the fastest peer of the same framework (vitx rows) · MFU · peak RSS MB.", ""]
+                  "Cell: images/s · ratio to the fastest peer of the same framework (vitx rows) · MFU · peak RSS MB; "
+                  "† marks a cell during which other processes kept more than "
+                  f"{settings.get('max_foreign_load') or 0.3} cores busy (after retries): noisy.", ""]
         for model in settings["models"]:
             for dtype in settings["dtypes"]:
                 cells = [c for c in speed if c.get("model") == model and c.get("dtype") == dtype]
@@ -134,7 +136,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                         row = [f"**{name}**" if name.startswith("vitx") else name]
                         for b in batches:
                             cell = next((c for c in cells if c["entry"] == name and c["batch"] == b), None)
-                            row.append(_cell(cell))
+                            row.append(_cell(cell, settings.get("max_foreign_load") or 0.3))
                         lines.append("| " + " | ".join(row) + " |")
                 lines.append("")
 
@@ -167,7 +169,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cell(cell: dict[str, Any] | None) -> str:
+def _cell(cell: dict[str, Any] | None, max_foreign: float = 0.3) -> str:
     if cell is None:
         return ""
     if "error" in cell:
@@ -178,4 +180,5 @@ def _cell(cell: dict[str, Any] | None) -> str:
     if cell.get("mfu") is not None:
         parts.append(f"{cell['mfu']:.0%}")
     parts.append(f"{cell['peak_rss_mb']:.0f} MB")
-    return " · ".join(parts)
+    noisy = (cell.get("foreign_load_cores") or 0.0) >= max_foreign
+    return " · ".join(parts) + (" †" if noisy else "")
