@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 demo: setup
-	$(VENV)/bin/vitx parity
+	$(VENV)/bin/vitx parity --layers
 
 bench: setup
 	$(PY) -m benchmarks.run
