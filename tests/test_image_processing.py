@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 import pytest
 from PIL import Image
 
@@ -37,7 +38,7 @@ from vit_core.tolerances import TOLERANCES
 IMAGES_DIR = pathlib.Path(__file__).parent / "fixtures" / "images"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "camera.png", "rocket.jpg")
 ATOL = TOLERANCES["image_processor"]  # against transformers' slow processor (NUMERICS.md)
-FAST_MAX, FAST_MEAN = 0.1, 5e-3  # fast against slow, max and mean |diff| (API.md, ViTImageProcessorFast)
+FAST_MAX, FAST_MEAN = TOLERANCES["fast_image_processor_max"], TOLERANCES["fast_image_processor_mean"]
 
 
 @pytest.fixture(scope="module")

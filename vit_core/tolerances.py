@@ -15,6 +15,9 @@ TOLERANCES: dict[str, float] = {
     "fused_vs_eager_bfloat16": 1e-2,
     # ViTImageProcessor against transformers' slow processor on real photos
     "image_processor": 1e-6,
+    # ViTImageProcessorFast (torch, batched) against the slow processor: max and mean |diff|
+    "fast_image_processor_max": 0.1,
+    "fast_image_processor_mean": 5e-3,
     # bfloat16 logits against float32 on real photos (same top-1 class too)
     "bfloat16_vs_float32_logits": 1e-1,
 }
