@@ -1,8 +1,9 @@
 """The inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
 
 vit_torch: in eval mode with autograd off, every Linear multiplies by a oneDNN-prepacked weight
-(torch.ops.mkldnn._linear_pointwise), the MLP's GELU rides in the GEMM as a post-op, and a large
-CPU batch runs through the encoder in sub-batches. tests/test_torch.py runs the whole case table
+(torch.ops.mkldnn._linear_pointwise), the MLP's GELU and its residual add ride in the GEMM, the
+patch convolution is one prepacked matmul, and a large CPU batch runs through the encoder in
+sub-batches. tests/test_torch.py runs the whole case table
 under torch.no_grad (so through these paths) against the float64 reference; here: that the paths
 are taken, that they equal the plain path, that the packed-weight cache follows weight changes,
 and that training / autograd never use them.
@@ -49,9 +50,12 @@ def test_inference_uses_prepacked_onednn_linear_with_fused_gelu() -> None:
     x = torch.from_numpy(make_inputs(CASE)["pixel_values"])
     with torch.inference_mode():
         counts = op_counts(lambda: model(x))
-    # per layer q, k, v, attention output, MLP in (GELU fused), MLP out; + the classifier
-    assert counts.get("mkldnn::_linear_pointwise") == 6 * layers_n + 1, counts
-    assert "aten::gelu" not in counts and "aten::linear" not in counts, counts
+    # per layer q, k, v, attention output, MLP in (GELU fused), MLP out (+ residual, the .binary
+    # overload); + the patch embedding as one matmul and the classifier
+    assert counts.get("mkldnn::_linear_pointwise") == 6 * layers_n + 2, counts
+    assert "aten::gelu" not in counts and "aten::linear" not in counts and "aten::convolution" not in counts, counts
+    # adds left: position embeddings + each layer's attention residual (the MLP residual is fused)
+    assert counts.get("aten::add") == layers_n + 1, counts
     counts = op_counts(lambda: model(x))  # autograd on: the plain path
     assert "mkldnn::_linear_pointwise" not in counts and counts.get("aten::gelu") == layers_n, counts
 
@@ -140,3 +144,18 @@ def test_bfloat16_fast_path_stays_close_to_float32() -> None:
         logits32 = model32(x).logits
         logits16 = model16(x.bfloat16()).logits.float()
     assert torch.max(torch.abs(logits32 - logits16)).item() <= 1e-1
+
+
+@pytest.mark.parametrize("image_hw", [(32, 32), (35, 42)], ids=["exact", "partial-patches"])
+def test_patch_embedding_matmul_matches_convolution(image_hw: tuple[int, int]) -> None:
+    """The matmul form equals the convolution, also when pixels past the last whole patch are dropped."""
+    torch.manual_seed(0)
+    projection = torch_layers.patch_projection(3, 24, (8, 8)).eval()
+    x = torch.randn(2, 3, *image_hw)
+    expected = torch.nn.functional.conv2d(x.double(), projection.weight.double(), projection.bias.double(), stride=8)
+    with torch.no_grad():
+        fast = projection(x)
+    assert fast.shape == expected.shape
+    assert torch.max(torch.abs(fast.double() - expected)).item() <= 1e-5
+    fast.flatten(2)  # the (batch, hidden, gh, gw) view flattens without a copy
+    assert fast.flatten(2).transpose(1, 2).is_contiguous()

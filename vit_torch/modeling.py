@@ -203,6 +203,9 @@ class ViTOutput(nn.Module):
         self.dropout = nn.Dropout(dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        if self.dense.onednn_ready(hidden_states):
+            # inference on oneDNN: dropout is the identity and the residual add runs inside the GEMM
+            return self.dense(hidden_states, residual=input_tensor)
         return self.dropout(self.dense(hidden_states)) + input_tensor
 
 
