@@ -125,6 +125,26 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _merge(report: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Fill ``report`` with what ``earlier`` measured and this run did not (same cell = same entry,
+    model, dtype, batch); settings become the union, so the table shows every cell."""
+    def key(c: dict[str, Any]) -> tuple:
+        return (c.get("entry"), c.get("model"), c.get("dtype"), c.get("batch"))
+
+    measured = {key(c) for c in report["speed"]}
+    report["speed"] = [c for c in earlier.get("speed", []) if key(c) not in measured] + report["speed"]
+    cold = {key(c) for c in report["cold"]}
+    report["cold"] = [c for c in earlier.get("cold", []) if key(c) not in cold] + report["cold"]
+    for fw, result in earlier.get("gemm", {}).items():
+        report["gemm"].setdefault(fw, result)
+    settings, old = report["settings"], earlier.get("settings", {})
+    for name in ("models", "batches", "dtypes", "entries", "cold_entries"):
+        settings[name] = list(dict.fromkeys(old.get(name, []) + settings[name]))
+    for model in settings["models"]:
+        report["model_gflops_per_image"][model] = model_flops(model) / 1e9
+    report["merged_from"] = {"started": earlier.get("started"), "git_commit": earlier.get("git_commit")}
+
+
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
@@ -149,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                              "again when they used more meanwhile (0 disables)")
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for quiet per cell")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a cell disturbed by other processes")
+    parser.add_argument("--merge", default=None,
+                        help="an earlier report JSON: its cells, GEMM and cold-start rows are kept where this run "
+                             "measures nothing in their place (re-measure some cells of a full run)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -231,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             result.update({"entry": name, "framework": framework, "vitx": vitx, "model": model})
             report["cold"].append(result)
 
+    if args.merge:
+        _merge(report, json.loads(open(args.merge).read()))
     report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     report["machine"]["load_average_at_end"] = load_average()
     report.update(evaluate(report))
