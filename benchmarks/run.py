@@ -211,10 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         for fw in gemm_frameworks:
             _log(f"GEMM throughput: {fw}")
             extra = ["--quick"] if quick else []
-            if args.max_foreign_load:
-                wait_for_quiet(args.max_foreign_load, args.quiet_timeout)
-            report["gemm"][fw] = run_child("main", "benchmarks.gemm", [fw, "--threads", str(args.threads), *extra],
-                                           args.threads, CHILD_TIMEOUT_S)
+            attempts = []
+            for _ in range(1 + args.retries):
+                if args.max_foreign_load:
+                    wait_for_quiet(args.max_foreign_load, args.quiet_timeout)
+                attempts.append(run_child("main", "benchmarks.gemm", [fw, "--threads", str(args.threads), *extra],
+                                          args.threads, CHILD_TIMEOUT_S))
+                foreign = attempts[-1].get("foreign_load_cores")
+                if not args.max_foreign_load or foreign is None or foreign < args.max_foreign_load:
+                    break
+            report["gemm"][fw] = min(attempts, key=lambda r: (r.get("foreign_load_cores") or 0.0))
 
     if not args.skip_speed:
         cells = [(m, d, b, e) for m in models for d in dtypes for b in batches for e in entries]
