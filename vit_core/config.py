@@ -237,23 +237,12 @@ class ViTConfig:
     # ----------------------------------------------------------------------------- files
     def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
         """Write ``config.json`` (atomically) into ``save_directory``; returns its path."""
-        directory = pathlib.Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
-        write_text_atomic(path, self.to_json_string())
-        return path
+        return write_json_to_directory(save_directory, CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "ViTConfig":
         path = pathlib.Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json_file(path, "config file")
         try:
             return cls.from_dict(d, **overrides)
         except (TypeError, ValueError) as e:
@@ -283,6 +272,27 @@ class ViTConfig:
             local_files_only=local_files_only, filenames=(CONFIG_NAME,),
         )
         return cls.from_json_file(directory / CONFIG_NAME, **overrides)
+
+
+def write_json_to_directory(save_directory: str | os.PathLike, filename: str, text: str) -> pathlib.Path:
+    """``save_pretrained``'s common part: create the directory, write ``filename`` atomically."""
+    directory = pathlib.Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    write_text_atomic(path, text)
+    return path
+
+
+def read_json_file(path: pathlib.Path, what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON raises an error naming ``what`` and the path."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Union
 import numpy as np
 from PIL import Image
 
-from .config import write_text_atomic
+from .config import read_json_file, write_json_to_directory
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
@@ -570,23 +570,12 @@ class BaseViTImageProcessor:
     # ----------------------------------------------------------------------------- files
     def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
         """Write ``preprocessor_config.json`` (atomically) into ``save_directory``; returns its path."""
-        directory = pathlib.Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / PREPROCESSOR_CONFIG_NAME
-        write_text_atomic(path, self.to_json_string())
-        return path
+        return write_json_to_directory(save_directory, PREPROCESSOR_CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BaseViTImageProcessor":
         path = pathlib.Path(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        config = read_json_file(path, PREPROCESSOR_CONFIG_NAME)
         try:
             return cls.from_dict(config, **overrides)
         except ValueError as e:
