@@ -91,6 +91,18 @@ def _placeholder(shape: tuple[int, ...], param_dtype: DType) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, param_dtype))
 
 
+# ----------------------------------------------------------------------------------- matmuls
+def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
+    """The result type to ask of a dot computed in ``dtype``: float32 for bfloat16, else the input's.
+
+    A bfloat16 dot is accumulated in float32 and rounded once either way, but XLA's CPU backend
+    widens both operands to float32 for a bfloat16-result dot (about 450 GFLOP/s here, and the
+    widened weights are written out on every call), while a bfloat16 x bfloat16 -> float32 dot
+    runs on the CPU's bf16 instructions (about 850 GFLOP/s). Callers round the result back.
+    """
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.bfloat16 else None
+
+
 # ----------------------------------------------------------------------------------- leaf layers
 class Linear(nnx.Module):
     """y = x @ kernel + bias (torch.nn.Linear). kernel (in_features, out_features): Flax's layout."""
@@ -103,10 +115,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """(..., in_features) -> (..., out_features), computed in ``dtype``."""
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       preferred_element_type=accumulator_dtype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+            y = y + self.bias[...].astype(self.dtype).astype(y.dtype)
+        return y.astype(self.dtype)  # bfloat16: the float32 sum x @ kernel + bias rounded once
 
 
 class Conv2d(nnx.Module):
@@ -136,7 +149,8 @@ class Conv2d(nnx.Module):
         # (batch, gh, gw, kh, kw, channels): the kernel's (kh, kw, in) order, flattened for one matmul
         patches = patches.transpose(0, 2, 4, 3, 5, 1).reshape(batch, gh, gw, kh * kw * channels)
         kernel = self.kernel[...].astype(self.dtype).reshape(kh * kw * channels, -1)  # (kh * kw * in, out)
-        y = jnp.matmul(patches, kernel) + self.bias[...].astype(self.dtype)  # (batch, gh, gw, out)
+        y = jnp.matmul(patches, kernel, preferred_element_type=accumulator_dtype(self.dtype))
+        y = (y + self.bias[...].astype(self.dtype).astype(y.dtype)).astype(self.dtype)  # (batch, gh, gw, out)
         return y.transpose(0, 3, 1, 2)  # (batch, out, gh, gw)
 
 
@@ -182,34 +196,40 @@ def eager_attention(query: Array, key: Array, value: Array, scaling: float, head
                     dropout_prob: float, dropout_rng: Array | None) -> tuple[Array, Array]:
     """Attention written out, returning the probabilities.
 
-    query/key/value (batch, tokens, heads, head_dim) (jax.nn.dot_product_attention's layout);
-    head_mask broadcastable to (batch, heads, tokens, tokens) or None. The scores and the softmax
-    are float32 whatever the input dtype. As in transformers, dropout then the head mask act on
-    the probabilities, and those are returned. Returns context (batch, tokens, heads, head_dim) and
-    probabilities (batch, heads, tokens, tokens) in the query's dtype.
+    query/key/value (batch, heads, tokens, head_dim); head_mask broadcastable to
+    (batch, heads, tokens, tokens) or None. The scores and the softmax are float32 whatever the
+    input dtype. As in transformers, dropout then the head mask act on the probabilities, and
+    those are returned. Returns context (batch, heads, tokens, head_dim) and probabilities
+    (batch, heads, tokens, tokens) in the query's dtype.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scaling
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32) * scaling
     probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)  # (batch, heads, tokens, tokens)
     probs = dropout(probs, dropout_prob, dropout_rng)
     if head_mask is not None:
         probs = probs * head_mask.astype(probs.dtype)
-    context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # (batch, tokens, heads, head_dim)
-    return context, probs
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, value, preferred_element_type=accumulator_dtype(value.dtype))
+    return context.astype(value.dtype), probs  # (batch, heads, tokens, head_dim)
 
 
 def fused_attention(query: Array, key: Array, value: Array, scaling: float) -> Array:
-    """jax.nn.dot_product_attention: same shapes as :func:`eager_attention`, no probabilities.
+    """Attention without probabilities for the caller: same shapes as :func:`eager_attention`.
 
-    Its XLA implementation accumulates the scores in float32 and softmaxes in float32 for
-    bfloat16 / float16 inputs. It has no dropout: training with attention dropout takes the eager
-    path. On CPU, XLA has no float16 x float16 -> float32 dot, which that implementation asks
-    for: float16 inputs are widened to float32 there (exact), and the result rounded back.
+    On CPU the formula is written out with (batch, heads) leading, which XLA compiles to batched
+    dots of each head's (tokens, head_dim) blocks; jax.nn.dot_product_attention's CPU lowering
+    (einsums over (batch, tokens, heads, head_dim) operands) measured 1.2x (float32) to 5x
+    (bfloat16) slower at ViT-B/16 batch 8 here (benchmarks/flax_speed.py --attention). Elsewhere
+    (GPU, TPU) jax.nn.dot_product_attention picks the backend's fused kernel. Scores and softmax
+    in float32 either way; no dropout (training with attention dropout takes the eager path).
     """
-    if query.dtype == jnp.float16 and jax.default_backend() == "cpu":
-        wide = jax.nn.dot_product_attention(query.astype(jnp.float32), key.astype(jnp.float32),
-                                            value.astype(jnp.float32), scale=scaling)
-        return wide.astype(jnp.float16)
-    return jax.nn.dot_product_attention(query, key, value, scale=scaling)
+    if jax.default_backend() == "cpu":
+        scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32) * scaling
+        probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+        context = jnp.einsum("bhqk,bhkd->bhqd", probs, value, preferred_element_type=accumulator_dtype(value.dtype))
+        return context.astype(value.dtype)  # (batch, heads, tokens, head_dim)
+    # jax.nn.dot_product_attention takes (batch, tokens, heads, head_dim)
+    context = jax.nn.dot_product_attention(query.transpose(0, 2, 1, 3), key.transpose(0, 2, 1, 3),
+                                           value.transpose(0, 2, 1, 3), scale=scaling)
+    return context.transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------------- other ops
