@@ -159,3 +159,24 @@ def test_patch_embedding_matmul_matches_convolution(image_hw: tuple[int, int]) -
     assert torch.max(torch.abs(fast.double() - expected)).item() <= 1e-5
     fast.flatten(2)  # the (batch, hidden, gh, gw) view flattens without a copy
     assert fast.flatten(2).transpose(1, 2).is_contiguous()
+
+
+def test_bfloat16_inference_attention_runs_the_eager_formula_per_image() -> None:
+    """bf16 CPU inference: fused_attention is eager_attention's formula (oneDNN bf16 bmm, float32
+    softmax) image by image instead of torch's CPU flash kernel; with autograd on it is sdpa."""
+    if torch.bfloat16 not in torch_layers._ONEDNN_DTYPES:
+        pytest.skip("oneDNN bfloat16 unsupported on this CPU")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn((3, 4, 17, 16), generator=generator).bfloat16() for _ in range(3))
+    with torch.inference_mode():
+        counts = op_counts(lambda: torch_layers.fused_attention(q, k, v, 0.25, 0.0))
+        fused = torch_layers.fused_attention(q, k, v, 0.25, 0.0)
+        eager = torch.cat([torch_layers.eager_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0.25, None, 0.0)[0]
+                           for i in range(3)])
+        whole_batch = torch_layers.eager_attention(q, k, v, 0.25, None, 0.0)[0]
+    assert counts.get("aten::bmm", 0) == 6 and "aten::scaled_dot_product_attention" not in counts, counts
+    assert torch.equal(fused, eager)
+    assert torch.max(torch.abs(fused.float() - whole_batch.float())).item() <= 1e-2
+    with torch.enable_grad():
+        counts = op_counts(lambda: torch_layers.fused_attention(q, k, v, 0.25, 0.0))
+    assert counts.get("aten::scaled_dot_product_attention", 0) == 1, counts
