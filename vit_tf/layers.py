@@ -182,9 +182,9 @@ def fused_attention(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, scaling:
 
     TensorFlow has no fused attention kernel on CPU; keras.ops.dot_product_attention lowers to two
     einsums with (batch, tokens, heads, head_dim) operands, which measured slower here than the
-    batched matmuls below (benchmarks/tf_speed.py --attention). The fused path's gain comes from
-    ViTSelfAttention projecting query, key and value with one matmul. Same shapes as
-    :func:`eager_attention`, no probabilities; softmax in float32.
+    batched matmuls below (benchmarks/tf_speed.py --attention). Same shapes as
+    :func:`eager_attention`, no probabilities (nothing kept for the caller, no head mask or
+    dropout); softmax in float32.
     """
     scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) * scaling
     probs = tf.cast(tf.nn.softmax(scores, axis=-1), query.dtype)
