@@ -73,8 +73,10 @@ def model_speed(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def attention_speed(args: argparse.Namespace) -> list[dict[str, object]]:
-    """The attention block's formulations at ViT-B/16 shapes (batch 8, 197 tokens, 12 heads):
-    what vit_tf's fused path runs, its eager path, and keras.ops.dot_product_attention."""
+    """The attention block's formulations at ViT-B/16 shapes (``--batch``, 197 tokens, 12 heads),
+    in ``--dtype``: vit_tf's fused path (three projections + batched matmuls), the same with one
+    projection on the concatenated q/k/v kernels (vit_tf's fused path before issue #6's second
+    pass), its eager path, and keras.ops.dot_product_attention."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -85,9 +87,11 @@ def attention_speed(args: argparse.Namespace) -> list[dict[str, object]]:
     batch, tokens, hidden, heads = args.batch, (args.image_size // 16) ** 2 + 1, 768, 12
     head_dim = hidden // heads
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal((batch, tokens, hidden)), tf.float32)
-    kernels = [tf.constant(rng.standard_normal((hidden, hidden)) / hidden**0.5, tf.float32) for _ in range(3)]
-    biases = [tf.constant(rng.standard_normal(hidden) * 0.02, tf.float32) for _ in range(3)]
+    dtype = tf.as_dtype(args.dtype)
+    x = tf.cast(tf.constant(rng.standard_normal((batch, tokens, hidden)), tf.float32), dtype)
+    kernels = [tf.cast(tf.constant(rng.standard_normal((hidden, hidden)) / hidden**0.5, tf.float32), dtype)
+               for _ in range(3)]
+    biases = [tf.cast(tf.constant(rng.standard_normal(hidden) * 0.02, tf.float32), dtype) for _ in range(3)]
     scaling = head_dim**-0.5
 
     def split_heads(y: tf.Tensor) -> tf.Tensor:  # (batch * tokens, hidden) -> (batch, heads, tokens, head_dim)
@@ -102,7 +106,11 @@ def attention_speed(args: argparse.Namespace) -> list[dict[str, object]]:
         q, k, v = (split_heads(tf.matmul(flat, w) + b) for w, b in zip(kernels, biases))
         return merge_heads(eager_attention(q, k, v, scaling, None, None)[0])
 
-    def fused_path() -> tf.Tensor:  # vit_tf's fused path: one qkv matmul + batched matmuls
+    def fused_path() -> tf.Tensor:  # vit_tf's fused path: three projections + batched matmuls
+        q, k, v = (split_heads(tf.matmul(flat, w) + b) for w, b in zip(kernels, biases))
+        return merge_heads(fused_attention(q, k, v, scaling))
+
+    def fused_concat_path() -> tf.Tensor:  # one qkv matmul on kernels concatenated per call
         qkv = tf.matmul(flat, tf.concat(kernels, axis=1)) + tf.concat(biases, axis=0)
         qkv = tf.transpose(tf.reshape(qkv, (batch, tokens, 3, heads, head_dim)), (2, 0, 3, 1, 4))
         return merge_heads(fused_attention(qkv[0], qkv[1], qkv[2], scaling))
@@ -112,14 +120,16 @@ def attention_speed(args: argparse.Namespace) -> list[dict[str, object]]:
         q, k, v = tf.unstack(tf.reshape(qkv, (batch, tokens, 3, heads, head_dim)), axis=2)
         return tf.reshape(keras.ops.dot_product_attention(q, k, v, scale=scaling), (batch, tokens, hidden))
 
-    reference = eager_path().numpy()
+    reference = tf.cast(eager_path(), tf.float32).numpy()
     results = []
-    for name, body in (("eager", eager_path), ("fused", fused_path), ("keras_dot_product_attention", keras_path)):
+    for name, body in (("eager", eager_path), ("fused", fused_path), ("fused_qkv_concat", fused_concat_path),
+                       ("keras_dot_product_attention", keras_path)):
         for mode in args.modes.split(","):
             fn = body if mode == "eager" else tf.function(body, jit_compile=(mode == "xla"))
-            out = fn().numpy()
+            out = tf.cast(fn(), tf.float32).numpy()
             _, times = _time(lambda: fn().numpy(), max(args.iters, 20))
-            results.append({"formulation": name, "mode": mode, "median_ms": round(1e3 * float(np.median(times)), 2),
+            results.append({"formulation": name, "mode": mode, "dtype": args.dtype,
+                            "median_ms": round(1e3 * float(np.median(times)), 2),
                             "max_abs_diff_vs_eager": float(np.max(np.abs(out - reference)))})
     return results
 
