@@ -96,7 +96,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"load average at start {tuple(round(x, 2) for x in machine['load_average_at_start'])}, "
               f"at end {tuple(round(x, 2) for x in machine.get('load_average_at_end', (0, 0, 0)))}. "
               f"Median of >= {settings['min_runs']} calls and >= {settings['min_time_s']} s after warm-up, "
-              "each cell a fresh process.", ""]
+              "each cell a fresh process" + (f"; each cell the fastest of {settings['passes']} passes "
+                                             "(every pass's images/s in the JSON: pass_images_per_s)"
+                                             if settings.get("passes", 1) > 1 else "") + ".", ""]
 
     ceilings = report.get("ceilings", {})
     if report.get("gemm"):
