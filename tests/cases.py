@@ -78,9 +78,15 @@ CASES: list[Case] = [
 
 def make_state(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded canonical float32 weights, larger than a fresh init so every term matters."""
+    return seeded_state(case.vit_config, case.task, seed, **case.table_kwargs)
+
+
+def seeded_state(config: ViTConfig, task: str, seed: int = 0, **table_kwargs: Any) -> dict[str, np.ndarray]:
+    """Seeded canonical float32 weights of any config: 1/sqrt(fan_in) matrices (activations with a
+    trained model's spread), LayerNorm scales near 1, small non-zero biases."""
     rng = np.random.default_rng(seed)
     state = {}
-    for spec in weight_table(case.vit_config, case.task, **case.table_kwargs):
+    for spec in weight_table(config, task, **table_kwargs):
         if spec.kind == "norm":
             value = 1.0 + 0.1 * rng.standard_normal(spec.shape)
         elif spec.kind == "bias":

@@ -27,7 +27,8 @@ from vit_core import ViTConfig, ViTImageProcessor
 from vit_core.reference import forward as reference_forward
 from vit_core.reference import layer_norm
 from vit_core.tolerances import TOLERANCES
-from vit_core.weights import weight_table
+
+from .cases import seeded_state
 
 PHOTOS = sorted((pathlib.Path(__file__).parent / "fixtures" / "images").glob("*.[pj][np]g"))
 BOUND = TOLERANCES["bfloat16_vs_float32_logits"]
@@ -38,17 +39,7 @@ def setup() -> tuple[ViTConfig, dict[str, np.ndarray], np.ndarray]:
     from PIL import Image
 
     config = ViTConfig.from_variant("B/16", num_labels=1000)
-    rng = np.random.default_rng(0)
-    state = {}
-    for spec in weight_table(config, "classification"):
-        if spec.kind == "norm":
-            value = 1.0 + 0.1 * rng.standard_normal(spec.shape)
-        elif spec.kind == "bias":
-            value = 0.05 * rng.standard_normal(spec.shape)
-        else:
-            fan_in = int(np.prod(spec.shape[1:])) if spec.kind in ("linear", "conv") else 1
-            value = (1.0 / np.sqrt(fan_in) if spec.kind in ("linear", "conv") else 0.5) * rng.standard_normal(spec.shape)
-        state[spec.name] = value.astype(np.float32)
+    state = seeded_state(config, "classification")
     pixel_values = ViTImageProcessor()([Image.open(p) for p in PHOTOS], return_tensors="np")["pixel_values"]
     # the linear-probe head: normalised float32 CLS features of the photos, own-class logit ~10
     reference = reference_forward(state, config, pixel_values, "classification")

@@ -46,7 +46,7 @@ from .layers import (
 )
 
 ATTN_IMPLEMENTATIONS = ("fused", "eager")
-# ViTEncoder runs CPU inference batches as sub-batches of at most this many token rows (4 images
+# ViTEncoder runs CPU inference batches as sub-batches of at most this many token rows (5 images
 # of ViT-*/16 at 224): XLA's CPU dots lose a third of their rate on 6k-row operands (see
 # ViTEncoder.splits_batch).
 INFERENCE_CHUNK_ROWS = 1024
@@ -302,7 +302,6 @@ class ViTEncoder(nnx.Module):
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
         )
-
 
     @staticmethod
     def splits_batch(hidden_states: Array, head_mask: Array | None, output_attentions: bool,

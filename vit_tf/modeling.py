@@ -312,7 +312,7 @@ class ViTEncoder(keras.Layer):
         (embeddings + every layer) and the attention probabilities of every layer (or None).
         """
         if self.splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, training):
-            # CPU inference on a large batch: the layers on sub-batches of about INFERENCE_CHUNK_ROWS
+            # Inference on a large batch: the layers on sub-batches of at most INFERENCE_CHUNK_ROWS
             # token rows. Each image's computation is unchanged; the GEMMs' operands stay in cache.
             batch_size, tokens = hidden_states.shape[:2]
             images = max(1, INFERENCE_CHUNK_ROWS // tokens)
@@ -332,7 +332,6 @@ class ViTEncoder(keras.Layer):
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
         )
-
 
     @staticmethod
     def splits_batch(hidden_states: tf.Tensor, head_mask: tf.Tensor | None, output_attentions: bool,
