@@ -80,6 +80,15 @@ def model_flops(model: str) -> float:
     return float(patch + layers * per_layer + head)
 
 
+def mlp_gemm_shape(model: str, batch: int) -> tuple[int, int, int]:
+    """(rows, in, out) of the model's first MLP GEMM at ``batch`` images: (batch x tokens, hidden,
+    intermediate). Two thirds of the model's FLOPs run at this shape (the rest: q/k/v and output
+    projections at the same rows, attention), so its rate bounds the model's."""
+    s = MODEL_SPECS[model]
+    tokens = (s["image_size"] // s["patch_size"]) ** 2 + 1
+    return (batch * tokens, s["hidden_size"], s["intermediate_size"])
+
+
 def fixture_dir(model: str) -> pathlib.Path:
     """Where :mod:`benchmarks.fixtures` keeps a model's checkpoint, timm weights, inputs and reference."""
     return CACHE_DIR / model_slug(model)

@@ -3,9 +3,10 @@
     python -m benchmarks.gemm torch|tf|xla [--quick]
 
 Runs in a fresh child (one framework per process), prints a ``BENCH_RESULT`` line with GFLOP/s
-for each (method, dtype, shape). Shapes are ViT's own: the MLP GEMM of ViT-B/16 at batch 32
-(6304 tokens x 768 -> 3072) and at batch 8, plus a square 2048 GEMM; the best of them is the
-framework's rate. Methods:
+for each (method, dtype, shape). Shapes are ViT's own: the MLP GEMM of ViT-S/16 and ViT-B/16 at
+batch 1, 8 and 32 (ViT-B/16 batch 32: 6304 tokens x 768 -> 3072), plus a square 2048 GEMM; the
+best of them is the framework's rate (the MFU denominator), and the rate at each model's own shape
+is its GEMM bound (benchmarks.report). Methods:
 
 - torch ``linear``: ``F.linear`` (what nn.Linear runs: MKL sgemm in float32, oneDNN in bf16);
 - torch ``mkldnn_prepacked``: ``torch.ops.mkldnn._linear_pointwise`` on a weight reordered once by
@@ -27,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .common import emit, load_average, set_threads
+from .common import emit, load_average, mlp_gemm_shape, set_threads
 
-SHAPES: list[tuple[int, int, int]] = [(6304, 768, 3072), (1576, 768, 3072), (2048, 2048, 2048)]
+SHAPES: list[tuple[int, int, int]] = [mlp_gemm_shape(model, batch) for model in ("S/16", "B/16")
+                                      for batch in (1, 8, 32)] + [(2048, 2048, 2048)]
 QUICK_SHAPES: list[tuple[int, int, int]] = [(256, 256, 256)]
 
 

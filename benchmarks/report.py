@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import model_flops
+from .common import MODEL_SPECS, mlp_gemm_shape, model_flops
 
 # Issue #6 targets (on this machine, same run).
 RATIO_TARGET = {"torch/float32": 2.0}   # PyTorch float32: the oneDNN prepacked path
@@ -28,6 +28,23 @@ def gemm_ceilings(gemm: dict[str, Any]) -> dict[str, Any]:
     return {"per_framework": per, "machine_float32_gflops": max(fp32) if fp32 else None}
 
 
+def gemm_rate_at(gemm: dict[str, Any], framework: str, dtype: str, shape: tuple[int, int, int]) -> float | None:
+    """A framework's best GFLOP/s over its methods at one (rows, in, out) shape; None if not measured."""
+    rows = gemm.get(GEMM_FOR[framework], {}).get("rows", [])
+    rates = [r["gflops"] for r in rows if r["dtype"] == dtype and tuple(r["shape"]) == tuple(shape)]
+    return max(rates) if rates else None
+
+
+def gemm_bound(gemm: dict[str, Any], cell: dict[str, Any]) -> float | None:
+    """Images/s of a cell's model if every FLOP ran at its framework's GEMM rate on the model's own
+    MLP GEMM at that batch size (benchmarks.common.mlp_gemm_shape): an estimate of the most any
+    implementation on that framework's GEMMs reaches (attention, LayerNorm and the rest only lower it)."""
+    if cell["model"] not in MODEL_SPECS:
+        return None
+    rate = gemm_rate_at(gemm, cell["framework"], cell["dtype"], mlp_gemm_shape(cell["model"], cell["batch"]))
+    return rate * 1e9 / model_flops(cell["model"]) if rate else None
+
+
 def _ceiling_for(cell: dict[str, Any], ceilings: dict[str, Any]) -> float | None:
     if cell["dtype"] == "float32":
         return ceilings["machine_float32_gflops"]
@@ -43,6 +60,7 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
         cell["gflops"] = cell["images_per_s"] * model_flops(cell["model"]) / 1e9
         ceiling = _ceiling_for(cell, ceilings)
         cell["mfu"] = cell["gflops"] / ceiling if ceiling else None
+        cell["gemm_bound_images_per_s"] = gemm_bound(report.get("gemm", {}), cell)
     for cell in ok:
         if not cell["vitx"]:
             continue
@@ -52,6 +70,8 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
             cell["fastest_peer"] = best["entry"]
             cell["fastest_peer_images_per_s"] = best["images_per_s"]
             cell["ratio_to_fastest_peer"] = cell["images_per_s"] / best["images_per_s"]
+            bound = cell["gemm_bound_images_per_s"]
+            cell["gemm_bound_ratio"] = bound / best["images_per_s"] if bound else None
 
     below: list[dict[str, Any]] = []
     keys = sorted({(c["framework"], c["model"], c["dtype"], c["batch"]) for c in ok if c["vitx"]},
@@ -63,9 +83,12 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
         target = RATIO_TARGET.get(f"{fw}/{dtype}", RATIO_TARGET_DEFAULT)
         ratio = best.get("ratio_to_fastest_peer")
         if ratio is not None and ratio < target:
+            bound = best.get("gemm_bound_ratio")
             below.append(dict(where, target=f"ratio >= {target}", value=round(ratio, 3),
+                              gemm_bound_ratio=None if bound is None else round(bound, 3),
                               detail=f"{best['images_per_s']:.2f} img/s vs {best['fastest_peer']} "
-                                     f"{best['fastest_peer_images_per_s']:.2f}"))
+                                     f"{best['fastest_peer_images_per_s']:.2f}"
+                                     + ("" if bound is None else f"; GEMM bound {bound:.2f}x")))
         if (model, batch) == MFU_CELL and best.get("mfu") is not None and best["mfu"] < MFU_TARGET[dtype]:
             below.append(dict(where, target=f"MFU >= {MFU_TARGET[dtype]:.0%}", value=round(best["mfu"], 3),
                               detail=f"{best['gflops']:.0f} GFLOP/s"))
@@ -114,6 +137,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                 m[row["dtype"]] = max(m.get(row["dtype"], 0.0), row["gflops"])
             for method, rates in methods.items():
                 lines.append(f"| {fw} | {method} | {_fmt(rates.get('float32'), '.0f')} | {_fmt(rates.get('bfloat16'), '.0f')} |")
+        lines += ["", "Per shape (rows x in -> out: each model's MLP GEMM at batch 1 / 8 / 32, then square 2048), "
+                  "GFLOP/s float32 / bfloat16:", ""]
+        shapes = list(dict.fromkeys(tuple(r["shape"]) for res in report["gemm"].values() for r in res.get("rows", [])))
+        lines += ["| framework | method | " + " | ".join("x".join(map(str, sh)) for sh in shapes) + " |",
+                  "|---|---|" + "---:|" * len(shapes)]
+        for fw, result in report["gemm"].items():
+            per_shape: dict[str, dict[tuple, dict[str, float]]] = {}
+            for row in result.get("rows", []):
+                per_shape.setdefault(row["method"], {}).setdefault(tuple(row["shape"]), {})[row["dtype"]] = row["gflops"]
+            for method, by_shape in per_shape.items():
+                cells = [by_shape.get(sh, {}) for sh in shapes]
+                lines.append(f"| {fw} | {method} | " + " | ".join(
+                    f"{_fmt(c.get('float32'), '.0f')} / {_fmt(c.get('bfloat16'), '.0f')}" for c in cells) + " |")
         lines += ["", f"Machine float32 ceiling: **{_fmt(ceilings.get('machine_float32_gflops'), '.0f')} GFLOP/s**. "
                   "MFU = model GFLOP/s / that ceiling in float32, / the framework's own best bfloat16 rate in bfloat16.", ""]
 
@@ -141,6 +177,23 @@ def render_markdown(report: dict[str, Any]) -> str:
                             row.append(_cell(cell, settings.get("max_foreign_load") or 0.3))
                         lines.append("| " + " | ".join(row) + " |")
                 lines.append("")
+
+    bounded = [c for c in speed if c.get("vitx") and c.get("gemm_bound_ratio") is not None]
+    if bounded:
+        lines += ["## GEMM bound per cell", "",
+                  "The images/s a model would reach if all its FLOPs ran at its framework's measured GEMM rate on "
+                  "the model's own MLP GEMM shape at that batch (every method of the framework, best), over the "
+                  "fastest peer: the most any implementation on those GEMMs can be ahead.", "",
+                  "| framework | model | dtype | batch | fastest peer img/s | best vitx img/s | GEMM bound img/s | "
+                  "vitx / peer | bound / peer |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        keys = list(dict.fromkeys((c["framework"], c["model"], c["dtype"], c["batch"]) for c in bounded))
+        for fw, model, dtype, batch in keys:
+            group = [c for c in bounded if (c["framework"], c["model"], c["dtype"], c["batch"]) == (fw, model, dtype, batch)]
+            best = max(group, key=lambda c: c["images_per_s"])
+            lines.append(f"| {fw} | {model} | {dtype} | {batch} | {best['fastest_peer_images_per_s']:.2f} | "
+                         f"{best['images_per_s']:.2f} ({best['entry']}) | {best['gemm_bound_images_per_s']:.2f} | "
+                         f"{best['ratio_to_fastest_peer']:.2f}x | {best['gemm_bound_ratio']:.2f}x |")
+        lines.append("")
 
     cold = report.get("cold", [])
     if cold:
