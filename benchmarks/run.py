@@ -126,12 +126,29 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _merge(report: dict[str, Any], earlier: dict[str, Any]) -> None:
+def _merge(report: dict[str, Any], earlier: dict[str, Any], keep_faster: bool = False) -> None:
     """Fill ``report`` with what ``earlier`` measured and this run did not (same cell = same entry,
-    model, dtype, batch); settings become the union, so the table shows every cell."""
+    model, dtype, batch); settings become the union, so the table shows every cell.
+
+    ``keep_faster``: a cell measured in both keeps the faster of the two results (more passes of
+    the same cells, the same rule as --passes: vitx and peers alike), every pass's images/s kept
+    in ``pass_images_per_s``; otherwise this run's result replaces the earlier one."""
     def key(c: dict[str, Any]) -> tuple:
         return (c.get("entry"), c.get("model"), c.get("dtype"), c.get("batch"))
 
+    earlier_cells = {key(c): c for c in earlier.get("speed", [])}
+    if keep_faster:
+        merged = []
+        for cell in report["speed"]:
+            old = earlier_cells.get(key(cell))
+            if old is not None:
+                passes = list(old.get("pass_images_per_s", [old.get("images_per_s")]))
+                passes += list(cell.get("pass_images_per_s", [cell.get("images_per_s")]))
+                good = [c for c in (old, cell) if "error" not in c]
+                cell = dict(max(good, key=lambda c: c["images_per_s"]) if good else cell)
+                cell["pass_images_per_s"] = passes
+            merged.append(cell)
+        report["speed"] = merged
     measured = {key(c) for c in report["speed"]}
     report["speed"] = [c for c in earlier.get("speed", []) if key(c) not in measured] + report["speed"]
     cold = {key(c) for c in report["cold"]}
@@ -176,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", default=None,
                         help="an earlier report JSON: its cells, GEMM and cold-start rows are kept where this run "
                              "measures nothing in their place (re-measure some cells of a full run)")
+    parser.add_argument("--keep-faster", action="store_true",
+                        help="with --merge: a cell measured in both runs keeps the faster result (further passes)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -301,7 +320,7 @@ def _fastest(passes: list[dict[str, Any]]) -> dict[str, Any]:
 def _write_report(report: dict[str, Any], args: argparse.Namespace, json_path: str, md_path: str) -> str:
     """Evaluate, render and write the JSON + markdown (and latest.* for a default --out); the markdown."""
     if args.merge:
-        _merge(report, json.loads(open(args.merge).read()))
+        _merge(report, json.loads(open(args.merge).read()), keep_faster=args.keep_faster)
     report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     report["machine"]["load_average_at_end"] = load_average()
     report.update(evaluate(report))

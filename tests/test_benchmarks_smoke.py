@@ -52,3 +52,47 @@ def test_quick_benchmark_writes_the_report(tmp_path: pathlib.Path) -> None:
     for key in ("import_s", "from_pretrained_s", "first_call_s", "time_to_first_logits_s", "process_wall_s", "peak_rss_mb"):
         assert cold[key] > 0, key
     assert cold["logits_max_abs_diff"] <= 1e-5
+
+
+def test_merge_keeps_the_faster_pass_of_a_cell_measured_twice() -> None:
+    from benchmarks.run import _merge
+
+    def cell(entry: str, batch: int, ips: float, **extra):
+        return dict(entry=entry, model="B/16", dtype="float32", batch=batch, images_per_s=ips, **extra)
+
+    def settings():
+        return {"models": ["B/16"], "batches": [1, 8], "dtypes": ["float32"], "entries": ["a", "b"], "cold_entries": []}
+
+    earlier = {"speed": [cell("a", 1, 10.0, pass_images_per_s=[9.0, 10.0]), cell("b", 1, 5.0), cell("a", 8, 7.0)],
+               "cold": [], "gemm": {}, "settings": settings()}
+    report = {"speed": [cell("a", 1, 8.0, pass_images_per_s=[8.0]), cell("b", 1, 6.0, pass_images_per_s=[6.0])],
+              "cold": [], "gemm": {}, "settings": settings(), "model_gflops_per_image": {}}
+    _merge(report, earlier, keep_faster=True)
+    got = {(c["entry"], c["batch"]): c for c in report["speed"]}
+    assert got[("a", 1)]["images_per_s"] == 10.0 and got[("a", 1)]["pass_images_per_s"] == [9.0, 10.0, 8.0]
+    assert got[("b", 1)]["images_per_s"] == 6.0 and got[("b", 1)]["pass_images_per_s"] == [5.0, 6.0]
+    assert got[("a", 8)]["images_per_s"] == 7.0  # measured only earlier: kept as it was
+    assert len(report["speed"]) == 3
+
+    replaced = {"speed": [cell("a", 1, 8.0)], "cold": [], "gemm": {}, "settings": settings(),
+                "model_gflops_per_image": {}}
+    _merge(replaced, earlier)  # without keep_faster this run's result replaces the earlier one
+    assert {(c["entry"], c["batch"]): c["images_per_s"] for c in replaced["speed"]}[("a", 1)] == 8.0
+
+
+def test_gemm_bound_is_the_framework_rate_at_the_models_own_shape() -> None:
+    from benchmarks.common import mlp_gemm_shape, model_flops
+    from benchmarks.report import gemm_bound
+
+    assert mlp_gemm_shape("B/16", 8) == (1576, 768, 3072) and mlp_gemm_shape("S/16", 1) == (197, 384, 1536)
+    gemm = {"xla": {"rows": [
+        dict(method="dot", dtype="float32", shape=[1576, 768, 3072], gflops=350.0),
+        dict(method="dot", dtype="bfloat16", shape=[1576, 768, 3072], gflops=300.0),
+        dict(method="dot_f32_result", dtype="bfloat16", shape=[1576, 768, 3072], gflops=700.0),
+        dict(method="dot", dtype="float32", shape=[197, 768, 3072], gflops=320.0)]}}
+    cell = dict(framework="flax", model="B/16", dtype="float32", batch=8)
+    assert abs(gemm_bound(gemm, cell) - 350e9 / model_flops("B/16")) < 1e-9
+    # bfloat16: the best method at that shape
+    assert abs(gemm_bound(gemm, dict(cell, dtype="bfloat16")) - 700e9 / model_flops("B/16")) < 1e-9
+    assert gemm_bound(gemm, dict(cell, batch=32)) is None  # shape not measured
+    assert gemm_bound(gemm, dict(cell, framework="tf")) is None
