@@ -58,6 +58,8 @@ def test_dynamic_batch_and_training_run_whole() -> None:
     assert not tf_modeling.ViTEncoder.splits_batch(hidden, None, False, False, True)  # training
     assert not tf_modeling.ViTEncoder.splits_batch(hidden, tf.ones((1, 2, 1, 1)), False, False, False)
     assert not tf_modeling.ViTEncoder.splits_batch(tf.zeros((1, 2000, 8)), None, False, False, False)
+    # bfloat16 runs whole (TF's bf16 matmul is faster on more rows)
+    assert not tf_modeling.ViTEncoder.splits_batch(tf.zeros((8, 200, 8), tf.bfloat16), None, False, False, False)
 
     @tf.function(input_signature=[tf.TensorSpec((None, 200, 8))])
     def traced(h: tf.Tensor) -> tf.Tensor:
