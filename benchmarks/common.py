@@ -82,8 +82,8 @@ def model_flops(model: str) -> float:
 
 def mlp_gemm_shape(model: str, batch: int) -> tuple[int, int, int]:
     """(rows, in, out) of the model's first MLP GEMM at ``batch`` images: (batch x tokens, hidden,
-    intermediate). Two thirds of the model's FLOPs run at this shape (the rest: q/k/v and output
-    projections at the same rows, attention), so its rate bounds the model's."""
+    intermediate). The two MLP GEMMs hold two thirds of the model's FLOPs and the other projections
+    run on the same rows, so the rate at this shape stands for the model's GEMMs."""
     s = MODEL_SPECS[model]
     tokens = (s["image_size"] // s["patch_size"]) ** 2 + 1
     return (batch * tokens, s["hidden_size"], s["intermediate_size"])

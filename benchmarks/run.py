@@ -136,19 +136,10 @@ def _merge(report: dict[str, Any], earlier: dict[str, Any], keep_faster: bool = 
     def key(c: dict[str, Any]) -> tuple:
         return (c.get("entry"), c.get("model"), c.get("dtype"), c.get("batch"))
 
-    earlier_cells = {key(c): c for c in earlier.get("speed", [])}
     if keep_faster:
-        merged = []
-        for cell in report["speed"]:
-            old = earlier_cells.get(key(cell))
-            if old is not None:
-                passes = list(old.get("pass_images_per_s", [old.get("images_per_s")]))
-                passes += list(cell.get("pass_images_per_s", [cell.get("images_per_s")]))
-                good = [c for c in (old, cell) if "error" not in c]
-                cell = dict(max(good, key=lambda c: c["images_per_s"]) if good else cell)
-                cell["pass_images_per_s"] = passes
-            merged.append(cell)
-        report["speed"] = merged
+        earlier_cells = {key(c): c for c in earlier.get("speed", [])}
+        report["speed"] = [_fastest([earlier_cells[key(c)], c]) if key(c) in earlier_cells else c
+                           for c in report["speed"]]
     measured = {key(c) for c in report["speed"]}
     report["speed"] = [c for c in earlier.get("speed", []) if key(c) not in measured] + report["speed"]
     cold = {key(c) for c in report["cold"]}
@@ -258,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = started.strftime("bench-%Y%m%d-%H%M%S") + ("-quick" if quick else "")
     json_path = args.out or str(RESULTS_DIR / f"{stem}.json")
     md_path = os.path.splitext(json_path)[0] + ".md"
+    earlier = json.loads(pathlib.Path(args.merge).read_text()) if args.merge else None
     cells = [(m, d, b, e) for m in models for d in dtypes for b in batches for e in entries] if not args.skip_speed else []
     measured: dict[tuple, list[dict[str, Any]]] = {}
     markdown = ""
@@ -270,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             # measured cell's fastest pass so far
             report["speed"] = [_fastest(measured[(e.name, m, d, b)]) for m, d, b, e in cells
                                if (e.name, m, d, b) in measured]
-            markdown = _write_report(report, args, json_path, md_path)
+            markdown = _write_report(report, args, json_path, md_path, earlier)
     if not cells:
-        markdown = _write_report(report, args, json_path, md_path)
+        markdown = _write_report(report, args, json_path, md_path, earlier)
     print(markdown)
     _log(f"wrote {json_path} and {md_path}")
     return 0
@@ -313,14 +305,17 @@ def _fastest(passes: list[dict[str, Any]]) -> dict[str, Any]:
     not the library's speed), with every pass's images/s kept in ``pass_images_per_s``."""
     good = [r for r in passes if "error" not in r]
     best = dict(max(good, key=lambda r: r["images_per_s"]) if good else passes[0])
-    best["pass_images_per_s"] = [r.get("images_per_s") for r in passes]
+    # a result that is itself the best of earlier passes (--merge --keep-faster) brings their list
+    best["pass_images_per_s"] = [x for r in passes for x in r.get("pass_images_per_s", [r.get("images_per_s")])]
     return best
 
 
-def _write_report(report: dict[str, Any], args: argparse.Namespace, json_path: str, md_path: str) -> str:
-    """Evaluate, render and write the JSON + markdown (and latest.* for a default --out); the markdown."""
-    if args.merge:
-        _merge(report, json.loads(open(args.merge).read()), keep_faster=args.keep_faster)
+def _write_report(report: dict[str, Any], args: argparse.Namespace, json_path: str, md_path: str,
+                  earlier: dict[str, Any] | None) -> str:
+    """Evaluate, render and write the JSON + markdown (and latest.* for a default --out); the
+    markdown. ``earlier``: the --merge report, merged into ``report`` first."""
+    if earlier is not None:
+        _merge(report, earlier, keep_faster=args.keep_faster)
     report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     report["machine"]["load_average_at_end"] = load_average()
     report.update(evaluate(report))

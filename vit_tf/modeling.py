@@ -339,8 +339,9 @@ class ViTEncoder(keras.Layer):
         """Whether call runs the batch in sub-batches: float32 inference of more than
         INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced ``None`` batch runs
         whole), no head mask and no per-layer outputs. bfloat16 runs whole: TensorFlow's bf16
-        matmul gains rate with rows (ViT-B/16 MLP GEMM: 520 GFLOP/s at 197 rows, 704 at 6304),
-        and sub-batches measured 4% (ViT-B/16) to 17% (ViT-S/16) slower at batch 32."""
+        matmul gains rate with rows (ViT-B/16 MLP GEMM: 700 GFLOP/s at 197 rows, 788 at 6304,
+        benchmarks/RESULTS.md), and at batch 32 the whole batch measured 4% (ViT-B/16: 16.67 vs
+        16.01 img/s) and 15% (ViT-S/16: 48.49 vs 42.24) faster than 1024-row sub-batches."""
         batch_size, tokens = hidden_states.shape[:2]
         return (
             hidden_states.dtype == tf.float32
