@@ -445,7 +445,7 @@ def _write_map(f: BinaryIO, tree: dict, path: pathlib.Path, progress: Progress |
 
 
 def _write_tensor(f: BinaryIO, lazy: Lazy, path: pathlib.Path, progress: Progress | None) -> None:
-    array = dtypes.native(np.ascontiguousarray(lazy.materialize()))
+    array = np.require(dtypes.native(lazy.materialize()), requirements="C")  # (ascontiguousarray would make 0-d 1-d)
     if array.nbytes > MAX_CHUNK_SIZE:
         _write_chunked(f, array)
     else:
