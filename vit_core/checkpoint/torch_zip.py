@@ -446,7 +446,7 @@ def _unpickle(file: Any, path: pathlib.Path, storage_for: Callable[[object], _St
 
 
 def _no_storages(pid: object) -> _Storage:
-    raise CheckpointError("unexpected storage record in a pickle that holds none")
+    raise CheckpointError("storage record in a pickle that holds none (refused)")
 
 
 def _storage_record(pid: object, fields: int) -> tuple[_StorageType, str, int, tuple]:
@@ -721,8 +721,8 @@ def _locate_legacy(path: pathlib.Path, f: BinaryIO, offset: int, storage: _Stora
                               f"claims {storage.numel} (refused)")
     start = offset + _LEGACY_COUNT.size
     if start + storage.nbytes > file_size:
-        raise CheckpointError(f"{path}: storage {_brief(storage.key)} needs {storage.nbytes} bytes, the file "
-                              f"ends {file_size - start} bytes on (truncated or refused)")
+        raise CheckpointError(f"{path}: storage {_brief(storage.key)} claims {storage.nbytes} bytes, the file "
+                              f"holds {max(file_size - start, 0)} after its count (truncated or hostile; refused)")
     storage.source = functools.partial(_mapped, path, start, storage.type.stored_dtype(False), storage.numel)
     return start + storage.nbytes
 
