@@ -208,6 +208,7 @@ CHUNK_CASES: dict[str, dict] = {
     "shape-negative": _chunked({"0": -4}, {"0": _C4}),
     "extra-key": _chunked({"0": 4}, {"0": _C4}, other=1),
     "flag-false": {mp.CHUNKED_FLAG: False, "shape": {"0": 4}, "chunks": {"0": _C4}},
+    "flag-is-1": {mp.CHUNKED_FLAG: 1, "shape": {"0": 4}, "chunks": {"0": _C4}},
     "chunks-is-record": _chunked({"0": 4}, _C4),  # type: ignore[arg-type]
 }
 
@@ -338,8 +339,8 @@ def test_h5_read_is_lazy_and_reopens_the_file(tmp_path: pathlib.Path) -> None:
 
 def test_h5_attribute_lists_split_below_the_header_limit(tmp_path: pathlib.Path) -> None:
     """Above 64 KiB a name list is written (and read back) as name0, name1, ... each within Keras' limit."""
-    state = {f"m/layer/{'x' * 100}_{i}:0": np.full(1, i, np.int32) for i in range(1500)}
-    state.update({f"m/l{i:04d}_{'y' * 60}/w:0": np.zeros(1, np.int8) for i in range(1200)})
+    state = {f"m/layer/{'x' * 400}_{i}:0": np.full(1, i, np.int32) for i in range(200)}
+    state.update({f"m/l{i:04d}_{'y' * 600}/w:0": np.zeros(1, np.int8) for i in range(120)})
     path = _h5_file(tmp_path, state=state)
     with h5py.File(path, "r") as f:
         for obj, name in ((f, "layer_names"), (f["layer"], "weight_names")):
@@ -512,12 +513,19 @@ def test_h5_bombs_refused(bomb_files: dict[str, pathlib.Path], case: str) -> Non
 
 
 _BOMB_WORKER = """
-import json, resource, sys
+import json, os, resource, sys
+import numpy as np
 from vit_core.checkpoint import h5, msgpack
 from vit_core.checkpoint.errors import CheckpointError
+# Linux keeps a process's peak RSS across exec, so this process reports pytest's peak; a forked
+# child starts from this small process's own peak instead, and measures there.
+pid = os.fork()
+if pid:
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 files = json.loads(sys.argv[1])
 h5.read(sys.argv[2]); msgpack.read(sys.argv[3])  # warm up: lazily imported parts of h5py count in the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 results = {}
 for case, path in files.items():
     try:
@@ -525,8 +533,12 @@ for case, path in files.items():
         results[case] = "loaded"
     except CheckpointError as e:
         results[case] = "refused" if path in str(e) else "unnamed: " + str(e)[:200]
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"results": results, "growth_kib": after - before}))
+after = peak()
+np.ones(150 * 2**20, np.uint8)  # control: the measure does see a 150 MiB allocation
+control = peak() - after
+print(json.dumps({"results": results, "growth_kib": after - before, "before_kib": before, "control_kib": control}))
+sys.stdout.flush()
+os._exit(0)
 """
 
 
@@ -540,9 +552,12 @@ def test_bombs_peak_memory(bomb_files: dict[str, pathlib.Path], tmp_path: pathli
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    print(f"bombs: {len(files)} refused, peak RSS growth {report['growth_kib'] / 1024:.1f} MiB")
+    print(f"bombs: {len(files)} refused, peak RSS {report['before_kib']} KiB before, "
+          f"growth {report['growth_kib']} KiB (control allocation of 150 MiB: "
+          f"{report['control_kib'] / 1024:.1f} MiB)")
     assert report["results"] == {case: "refused" for case in files}
     assert report["growth_kib"] * 1024 < BOMB_RSS_LIMIT
+    assert report["control_kib"] * 1024 > BOMB_RSS_LIMIT
 
 
 H5_DTYPE_CASES: dict[str, Callable[[h5py.Group], object]] = {

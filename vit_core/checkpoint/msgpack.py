@@ -328,7 +328,8 @@ def _chunked(node: dict, where: tuple[str, ...], path: pathlib.Path) -> Lazy:
     def fail(problem: str) -> CheckpointError:
         return CheckpointError(f"{path}: {_quote(where)}: chunked array {problem}")
 
-    if set(node) != {CHUNKED_FLAG, "shape", "chunks"} or node[CHUNKED_FLAG] != _Plain(True):
+    flag = node.get(CHUNKED_FLAG)
+    if set(node) != {CHUNKED_FLAG, "shape", "chunks"} or not (isinstance(flag, _Plain) and flag.value is True):
         raise fail("is not {__msgpack_chunked_array__: true, shape, chunks}")
     dims = _numbered(node["shape"], fail, "shape")
     if len(dims) > MAX_RANK or not all(isinstance(d, _Plain) and type(d.value) is int and d.value >= 0 for d in dims):
