@@ -148,7 +148,8 @@ def _vit_like_state(torch: Any) -> "collections.OrderedDict[str, Any]":
         "vit.layernorm.weight": torch.randn(16).to(torch.bfloat16),
         "vit.embeddings.position_ids": torch.arange(5).expand((1, -1)),  # int64, stride 0 on a size-1 dim
         "classifier.weight": torch.nn.Parameter(torch.randn(3, 16)),
-        "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 3),
+        "mask": torch.tensor([True, False]),
     })
     assert hasattr(sd, "_metadata")
     return sd
@@ -456,28 +457,48 @@ def test_memory_bombs_are_refused(tmp_path: pathlib.Path) -> None:
 
 
 def test_memory_bombs_peak_memory_stays_small(tmp_path: pathlib.Path) -> None:
-    """In a fresh interpreter (this one's high-water mark would hide growth): peak RSS growth while
-    every bomb is read."""
+    """In a fresh interpreter (this one's high-water mark would hide growth): the peak resident size
+    (VmHWM) above the resident size before, while every bomb is read; a 64 MiB allocation shows
+    the meter works."""
     paths = [str(path) for path, _ in _bombs(tmp_path).values()]
     script = textwrap.dedent("""
-        import resource, sys
+        import sys
+        import numpy as np
         from vit_core.checkpoint import torch_zip
         from vit_core.checkpoint.errors import CheckpointError
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def status_kib(field):  # this process's own memory (ru_maxrss would carry the parent's peak)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+        def reset_peak():  # the high-water mark back to the resident size (Linux >= 4.0), if allowed
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            return status_kib("VmRSS")
+
+        before = reset_peak()
         refused = 0
         for path in sys.argv[1:]:
             try:
                 torch_zip.read(path)
             except CheckpointError:
                 refused += 1
-        print(refused, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        growth = status_kib("VmHWM") - before
+        before = reset_peak()
+        control = np.ones(2**23)  # 64 MiB, touched: shows the meter sees an allocation of that size
+        print(refused, growth, status_kib("VmHWM") - before)
     """)
     out = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd=ROOT,
                          timeout=60, check=True).stdout.split()
-    refused_count, growth_kib = int(out[0]), int(out[1])
-    print(f"\nbombs refused: {refused_count}/{len(paths)}; peak RSS growth {growth_kib} KiB")
+    refused_count, growth_kib, control_kib = map(int, out)
+    print(f"\nbombs refused: {refused_count}/{len(paths)}; peak RSS growth {growth_kib} KiB "
+          f"(a 64 MiB control allocation: {control_kib} KiB)")
     assert refused_count == len(paths)
     assert growth_kib < 100 * 1024
+    assert control_kib > 48 * 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +546,8 @@ def _writer_state() -> dict[str, np.ndarray]:
     }
 
 
-# sha256 of what the writer produces for _writer_state(): pins the bytes of the old write_torch_zip.
+# sha256 of what the writer produces for _writer_state(), checked equal to the old
+# conversion.io.write_torch_zip (commit cb3e996): pins those bytes once the old module is gone.
 WRITER_SHA256 = "e046f5ec02dcd8155d80ecb7274945d564ac4d1c8b7fdfac4405d796cb063958"
 
 

@@ -588,12 +588,12 @@ def _member_source(path: pathlib.Path, archive: zipfile.ZipFile, raw: BinaryIO, 
     except KeyError:
         raise CheckpointError(f"{path}: storage {_brief(name, 80)} is missing from the archive") from None
     dtype = storage.type.stored_dtype(storage.big_endian)
-    if info.file_size < storage.nbytes or (info.compress_type != zipfile.ZIP_STORED and info.file_size != storage.nbytes):
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if info.file_size < storage.nbytes or (not stored and info.file_size != storage.nbytes):
         raise CheckpointError(f"{path}: storage {_brief(name, 80)} has {info.file_size} bytes, its record claims "
                               f"{storage.nbytes} ({storage.numel} x {storage.type.name}; refused)")
-    _check_member(path, info, storage.nbytes if info.compress_type != zipfile.ZIP_STORED else info.file_size,
-                  file_size)
-    if info.compress_type == zipfile.ZIP_STORED:
+    _check_member(path, info, info.file_size if stored else storage.nbytes, file_size)
+    if stored:
         offset = _data_offset(path, raw, info)
         if offset + info.file_size > file_size:
             raise CheckpointError(f"{path}: storage {_brief(name, 80)} runs past the end of the file (truncated)")
