@@ -14,7 +14,7 @@ never torch, tensorflow or jax: a framework is imported only by the call that ru
 
 from __future__ import annotations
 
-from vit_core.checkpoint_io import CheckpointError
+from vit_core.checkpoint import CheckpointError
 
 from .compare import ParityReport, assert_parity, compare
 from .convert import TARGETS, Conversion, convert

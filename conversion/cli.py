@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vit_core.checkpoint_io import CheckpointError
+from vit_core.checkpoint import CheckpointError
 
 EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint directory, weights file or hub id")
     p.add_argument("dst", help="output directory (or file for --to timm/jax/big_vision with a .safetensors/.npz name)")
     p.add_argument("--to", default="safetensors", choices=TARGETS, help="target format (default: safetensors)")
-    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing destination that holds only checkpoint files (swapped in atomically)")
+    p.add_argument("--force-all", action="store_true",
+                   help="replace an existing destination whatever it holds (its other files are deleted)")
     p.add_argument("--timm-model", help="timm model name (e.g. vit_base_patch16_224) fixing a timm state dict's config")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -44,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint (default: built-in seeded ViT-B/16)")
     p.add_argument("--images", nargs="+", help="image files (default: the bundled sample photos)")
-    p.add_argument("--frameworks", nargs="+", default=["torch", "tf", "flax"],
-                   help="frameworks to compare: torch tf flax reference (default: torch tf flax)")
+    p.add_argument("--frameworks", nargs="+", type=_framework_list, default=[["torch", "tf", "flax"]],
+                   help="frameworks to compare, space- or comma-separated: torch tf flax reference "
+                        "(default: torch tf flax)")
     p.add_argument("--atol", type=float, help="max |diff| allowed (default: NUMERICS.md bound for the model)")
     p.add_argument("--layers", action="store_true", help="compare every hidden state, name the first diverging layer")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -72,9 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _framework_list(text: str) -> list[str]:
+    """One --frameworks argument: a name or a comma-separated list of names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no framework named in {text!r}")
+    return names
+
+
 def _setup_quiet(quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="vitx: %(message)s")
-    for name in ("vitx", "vitx.conversion", "vitx.checkpoint_io"):
+    for name in ("vitx", "vitx.conversion", "vitx.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if quiet:
@@ -90,7 +102,8 @@ def _setup_quiet(quiet: bool) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    result = convert(args.src, args.dst, to=args.to, force=args.force, timm_model_name=args.timm_model,
+    result = convert(args.src, args.dst, to=args.to, force=args.force or args.force_all, force_all=args.force_all,
+                     timm_model_name=args.timm_model,
                      progress=not args.quiet)
     if not args.quiet:
         print(f"{result.source_format} -> {result.target}: wrote {result.path} "
@@ -107,7 +120,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         if not sep or not rest:
             raise ValueError(f"--perturb {spec!r}: expected FRAMEWORK:KEY[=DELTA]")
         perturb[framework] = rest
-    report = compare(args.checkpoint, images=args.images, frameworks=args.frameworks, layers=args.layers,
+    report = compare(args.checkpoint, images=args.images, frameworks=[n for group in args.frameworks for n in group], layers=args.layers,
                      atol=args.atol, timm_model_name=args.timm_model, perturb=perturb or None)
     print(report.to_json() if args.json else report.to_table())
     return EXIT_OK if report.ok else EXIT_PARITY_FAILED
@@ -192,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError, ValueError, ImportError) as e:
         message = str(e) or type(e).__name__
         print(f"vitx: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # disk full, read-only file system, file too large: the user's environment
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vitx: error: {where}{os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("vitx: interrupted (nothing half-written was left behind)", file=sys.stderr)

@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from vit_core.weights import weight_table
 from .detect import open_checkpoint
 from .formats.base import architecture_of, task_of
 from .frameworks import ALL_BACKENDS, FRAMEWORKS, run_framework, unavailable
-from .rules import materialize
+from vit_core.checkpoint.lazy import materialize
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
 BUILTIN_NAME = "built-in ViT-B/16 (seeded weights, default_rng(0))"
@@ -150,20 +149,27 @@ def _pixel_values(images: Sequence[Any], config: ViTConfig, directory: pathlib.P
     else:
         h, w = config.image_hw
         processor = ViTImageProcessor(size={"height": h, "width": w})
-    loaded = [_open_image(i) for i in images]
+    loaded = [open_image(i) for i in images]
     return np.asarray(processor(loaded, return_tensors="np")["pixel_values"], dtype=np.float32)
 
 
-def _open_image(image: Any) -> Any:
+def open_image(image: Any) -> Any:
+    """A path -> its decoded PIL image (anything else is returned as is). A missing file is a
+    FileNotFoundError, an unreadable or decompression-bomb image a ValueError naming the file."""
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image
 
         path = pathlib.Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist")
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{path}: refused, the image is too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
     return image
 
 
@@ -228,67 +234,56 @@ def compare(
     if bad:
         raise ValueError(f"perturb names framework(s) {bad} that are not compared")
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="vitx-parity-") as tmp:
-        tmpdir = pathlib.Path(tmp)
-        if checkpoint is None:
-            state, config = builtin_state()
-            name, source_format, directory = BUILTIN_NAME, "built-in", None
-        else:
-            loaded = open_checkpoint(checkpoint, timm_model_name=timm_model_name)
-            state, config = materialize(loaded.state), loaded.config
-            name, source_format = str(checkpoint), loaded.format
-            path = pathlib.Path(checkpoint)
-            directory = path if path.is_dir() else path.parent if path.exists() else None
-        task = task_of(state)
-        keys = set(state)
+    if checkpoint is None:
+        state, config = builtin_state()
+        name, source_format, directory = BUILTIN_NAME, "built-in", None
+    else:
+        loaded = open_checkpoint(checkpoint, timm_model_name=timm_model_name)
+        state, config = materialize(loaded.state), loaded.config
+        name, source_format = str(checkpoint), loaded.format
+        path = pathlib.Path(checkpoint)
+        directory = path if path.is_dir() else path.parent if path.exists() else None
+    task = task_of(state)
 
-        image_list = list(images) if images is not None else None
-        if image_list is not None and not image_list:
-            raise ValueError("images is empty")
-        if config.num_channels != 3:
-            rng = np.random.default_rng(0)
-            h, w = config.image_hw
-            pixel_values = rng.standard_normal((2, config.num_channels, h, w)).astype(np.float32)
-            described = ["seeded random input (2 images)"]
-            real = False
-            notes.append(f"num_channels={config.num_channels}: photos do not apply, seeded random pixel_values used")
-        else:
-            image_list = image_list if image_list is not None else sample_images()
-            pixel_values = _pixel_values(image_list, config, directory)
-            described = [_describe(i) for i in image_list]
-            real = True
-        bound, tolerance = (atol, "user") if atol is not None else default_atol(config, real)
+    image_list = list(images) if images is not None else None
+    if image_list is not None and not image_list:
+        raise ValueError("images is empty")
+    if config.num_channels != 3:
+        rng = np.random.default_rng(0)
+        h, w = config.image_hw
+        pixel_values = rng.standard_normal((2, config.num_channels, h, w)).astype(np.float32)
+        described = ["seeded random input (2 images)"]
+        real = False
+        notes.append(f"num_channels={config.num_channels}: photos do not apply, seeded random pixel_values used")
+    else:
+        image_list = image_list if image_list is not None else sample_images()
+        pixel_values = _pixel_values(image_list, config, directory)
+        described = [_describe(i) for i in image_list]
+        real = True
+    bound, tolerance = (atol, "user") if atol is not None else default_atol(config, real)
 
-        canonical_dir = tmpdir / "canonical"
-        from vit_core.pretrained import save_pretrained
-
-        save_pretrained(config, state, canonical_dir)
-        report = ParityReport(name, source_format, architecture_of(task), _config_summary(config), described,
-                              [], {}, bound, tolerance, notes=notes)
-        runs = {}
-        for fw in frameworks:
-            why = unavailable(fw)
-            if why is not None:
-                report.skipped[fw] = why
-                continue
-            location = canonical_dir
-            fw_state = state
-            if fw in perturbations:
-                key, delta = perturbations[fw]
-                if key not in state:
-                    raise ValueError(f"perturb: {key!r} is not a weight of this checkpoint")
-                fw_state = dict(state)
-                # one element: a uniform shift of a bias feeding a LayerNorm would cancel exactly
-                corrupted = np.array(state[key], copy=True)
-                corrupted.reshape(-1)[0] += np.asarray(delta, dtype=corrupted.dtype)
-                fw_state[key] = corrupted
-                location = tmpdir / f"perturbed-{fw}"
-                save_pretrained(config, fw_state, location)
-                notes.append(f"{fw}: {key}[0] perturbed by {delta:g} on purpose")
-            runs[fw] = run_framework(fw, location, task, keys, pixel_values, hidden_states=layers, config=config,
-                                     state=fw_state)
-            report.frameworks.append(fw)
-            report.seconds[fw] = {"load": round(runs[fw].load_seconds, 3), "forward": round(runs[fw].forward_seconds, 3)}
+    report = ParityReport(name, source_format, architecture_of(task), _config_summary(config), described,
+                          [], {}, bound, tolerance, notes=notes)
+    runs = {}
+    for fw in frameworks:
+        why = unavailable(fw)
+        if why is not None:
+            report.skipped[fw] = why
+            continue
+        fw_state = state
+        if fw in perturbations:
+            key, delta = perturbations[fw]
+            if key not in state:
+                raise ValueError(f"perturb: {key!r} is not a weight of this checkpoint")
+            fw_state = dict(state)
+            # one element: a uniform shift of a bias feeding a LayerNorm would cancel exactly
+            corrupted = np.array(state[key], copy=True)
+            corrupted.reshape(-1)[0] += np.asarray(delta, dtype=corrupted.dtype)
+            fw_state[key] = corrupted
+            notes.append(f"{fw}: {key}[0] perturbed by {delta:g} on purpose")
+        runs[fw] = run_framework(fw, fw_state, task, pixel_values, hidden_states=layers, config=config)
+        report.frameworks.append(fw)
+        report.seconds[fw] = {"load": round(runs[fw].load_seconds, 3), "forward": round(runs[fw].forward_seconds, 3)}
     _fill_results(report, runs, bound, layers)
     if task == "classification":
         for fw, run in runs.items():

@@ -11,16 +11,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import io
+from vit_core.checkpoint import npz, safetensors, staging
+from vit_core.checkpoint.errors import writing
+from vit_core.checkpoint.lazy import LazyState
+
 from .detect import open_checkpoint
+from .formats import TARGETS as FORMAT_OF_TARGET
 from .formats import big_vision, jax_npz, timm
 from .formats import transformers as hf
 from .formats.base import Loaded, task_of
-from .rules import LazyState
+
+Progress = Callable[[int], None]  # called with the number of bytes just written
 
 logger = logging.getLogger("vitx.conversion")
 
-TARGETS: tuple[str, ...] = ("safetensors", "pytorch", "tf", "flax", "timm", "jax", "big_vision")
+TARGETS: tuple[str, ...] = tuple(FORMAT_OF_TARGET)
 
 # A progress callback receives (bytes written so far, total bytes).
 ProgressFn = Callable[[int, int], None]
@@ -61,6 +66,7 @@ def convert(
     to: str = "safetensors",
     *,
     force: bool = False,
+    force_all: bool = False,
     timm_model_name: str | None = None,
     progress: bool | ProgressFn | None = None,
 ) -> Conversion:
@@ -80,7 +86,11 @@ def convert(
 
     Tensors stream one at a time from a memory-mapped source. Everything is written to a temporary
     file or directory beside ``dst`` and renamed into place at the end: an interrupted or failed
-    conversion leaves nothing behind. An existing ``dst`` raises FileExistsError unless ``force``.
+    conversion leaves nothing behind, and the new version replaces an existing ``dst`` in one atomic
+    swap. An existing ``dst`` raises FileExistsError unless ``force``; with ``force`` a directory
+    holding anything but checkpoint files is still refused (the message lists them) unless
+    ``force_all``. Two conversions racing for a new ``dst`` without ``force``: one wins, the other
+    raises FileExistsError.
     ``progress``: True for a tqdm bar (shown after two seconds), a callable ``(done, total)``, or
     None/False. Returns a :class:`Conversion`; its notes are also logged as warnings.
     """
@@ -92,7 +102,7 @@ def convert(
     start = time.perf_counter()
     loaded = open_checkpoint(src, timm_model_name=timm_model_name)
     notes = list(loaded.notes)
-    state, write = _plan(loaded, to, dst, notes)
+    state, write = _plan(loaded, to, dst, notes, force, force_all)
     total = int(sum(v.nbytes for v in state.values()))
 
     close: Callable[[], None] | None = None
@@ -118,16 +128,16 @@ def convert(
     return Conversion(path, loaded.format, to, total, time.perf_counter() - start, notes)
 
 
-def _plan(loaded: Loaded, to: str, dst: pathlib.Path, notes: list[str]
-          ) -> tuple[LazyState, Callable[[io.Progress], pathlib.Path]]:
+def _plan(loaded: Loaded, to: str, dst: pathlib.Path, notes: list[str], force: bool, force_all: bool
+          ) -> tuple[LazyState, Callable[[Progress], pathlib.Path]]:
     """(the state in the target's names, a function that writes it atomically and returns the path)."""
     config, canonical = loaded.config, loaded.state
     keys = set(canonical)
 
-    def in_dir(filename: str, writer: Callable[[pathlib.Path, io.Progress], None], state: LazyState,
-               config_writer: Callable[[pathlib.Path], None]) -> Callable[[io.Progress], pathlib.Path]:
-        def run(progress: io.Progress) -> pathlib.Path:
-            with io.staged_dir(dst, force=True) as temp:
+    def in_dir(filename: str, writer: Callable[[pathlib.Path, Progress], None], state: LazyState,
+               config_writer: Callable[[pathlib.Path], None]) -> Callable[[Progress], pathlib.Path]:
+        def run(progress: Progress) -> pathlib.Path:
+            with staging.staged_dir(dst, force=force, replace_anything=force_all) as temp, writing(dst):
                 writer(temp / filename, progress)
                 config_writer(temp)
             return dst
@@ -136,50 +146,38 @@ def _plan(loaded: Loaded, to: str, dst: pathlib.Path, notes: list[str]
     def transformers_config(directory: pathlib.Path) -> None:
         hf.save_config(config, directory, keys)
 
-    if to == "safetensors":
-        return canonical, in_dir("model.safetensors",
-                                 lambda p, pr: io.write_safetensors(p, canonical, {"format": "pt"}, pr),
-                                 canonical, transformers_config)
-    if to == "pytorch":
-        return canonical, in_dir("pytorch_model.bin", lambda p, pr: hf.write_pytorch_bin(p, canonical, pr),
-                                 canonical, transformers_config)
-    if to == "tf":
-        if task_of(keys) == "mim":
-            notes.append("transformers 4.57 has no TF masked-image-modeling class: the file follows its naming "
-                         "(decoder_._0) and loads in vitx's TFViTForMaskedImageModeling")
-        return canonical, in_dir("tf_model.h5", lambda p, pr: hf.write_tf_h5(p, canonical, config, pr),
-                                 canonical, transformers_config)
-    if to == "flax":
-        if task_of(keys) == "mim":
-            notes.append("transformers 4.57 has no Flax masked-image-modeling class: the file loads in vitx's "
-                         "FlaxViTForMaskedImageModeling")
-        return canonical, in_dir("flax_model.msgpack", lambda p, pr: hf.write_flax_msgpack(p, canonical, config, pr),
-                                 canonical, transformers_config)
+    if to in hf.TARGETS:
+        if to in ("tf", "flax") and task_of(keys) == "mim":
+            notes.append(f"transformers 4.57 has no {to.upper() if to == 'tf' else 'Flax'} masked-image-modeling "
+                         f"class: the file loads in vitx's {'TF' if to == 'tf' else 'Flax'}ViTForMaskedImageModeling")
+        filename = hf.TARGETS[to][0]
+        return canonical, in_dir(filename, lambda p, pr: hf.write(p, canonical, to, pr), canonical, transformers_config)
     if to == "timm":
         raw = timm.write(canonical, config, notes)
         if _single_file_target(dst, (".safetensors",)):
-            return raw, _single(dst, lambda p, pr: io.write_safetensors(p, raw, {"format": "pt"}, pr))
+            return raw, _single(dst, lambda p, pr: safetensors.write(p, raw, {"format": "pt"}, pr), force)
         if _single_file_target(dst, (".pth", ".pt", ".bin")):
-            return raw, _single(dst, lambda p, pr: hf.write_pytorch_bin(p, raw, pr))
+            return raw, _single(dst, lambda p, pr: hf.write(p, raw, "pytorch", pr), force)
 
         def timm_config(directory: pathlib.Path) -> None:
             data = timm.hub_config(config, set(raw))
             (directory / "config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
-        return raw, in_dir("model.safetensors", lambda p, pr: io.write_safetensors(p, raw, {"format": "pt"}, pr),
+        return raw, in_dir("model.safetensors", lambda p, pr: safetensors.write(p, raw, {"format": "pt"}, pr),
                            raw, timm_config)
     module: Any = jax_npz if to == "jax" else big_vision
     raw = module.write(canonical, config, notes)
     if _single_file_target(dst, (".npz",)):
-        return raw, _single(dst, lambda p, pr: io.write_npz(p, raw, pr))
-    return raw, in_dir("model.npz", lambda p, pr: io.write_npz(p, raw, pr), raw, transformers_config)
+        return raw, _single(dst, lambda p, pr: npz.write(p, raw, pr), force)
+    return raw, in_dir("model.npz", lambda p, pr: npz.write(p, raw, pr), raw, transformers_config)
 
 
-def _single(dst: pathlib.Path, writer: Callable[[pathlib.Path, io.Progress], None]) -> Callable[[io.Progress], pathlib.Path]:
-    def run(progress: io.Progress) -> pathlib.Path:
+def _single(dst: pathlib.Path, writer: Callable[[pathlib.Path, Progress], None], force: bool
+            ) -> Callable[[Progress], pathlib.Path]:
+    def run(progress: Progress) -> pathlib.Path:
         if dst.is_dir():
             raise FileExistsError(f"{dst} is a directory; give a file name or another path")
-        with io.staged_file(dst, force=True) as temp:
+        with staging.staged_file(dst, force=force) as temp, writing(dst):
             writer(temp, progress)
         return dst
     return run

@@ -16,20 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from vit_core import ViTConfig
-from vit_core.checkpoint_io import (
-    WEIGHT_FILES,
-    CheckpointError,
-    CheckpointNotFoundError,
-    resolve_pretrained,
-    to_legacy_names,
-)
+from vit_core.checkpoint import CheckpointError, CheckpointNotFoundError, files, resolve_pretrained
+from vit_core.checkpoint.files import WEIGHT_FILES
+from vit_core.checkpoint.lazy import LazyState, materialize
+from vit_core.config import ViTConfig
 
-from . import io
-from .formats import big_vision, jax_npz, timm
-from .formats import transformers as hf
+from .formats import FORMATS, Source, identify
 from .formats.base import Loaded
-from .rules import materialize
 
 # Weight files of other tools looked for in a directory when it has no transformers weights file.
 _OTHER_WEIGHTS = ("*.safetensors", "*.npz", "*.pth", "*.pt", "*.bin")
@@ -46,15 +39,6 @@ def _weights_in(directory: pathlib.Path) -> pathlib.Path:
         raise CheckpointNotFoundError(f"{directory}: no weights file found (looked for {', '.join(WEIGHT_FILES)}, "
                                       f"{', '.join(_OTHER_WEIGHTS)})")
     raise CheckpointError(f"{directory}: several weight files ({', '.join(p.name for p in candidates)}); name one")
-
-
-def _file_kind(path: pathlib.Path) -> str:
-    """npz, safetensors, torch, h5, msgpack or index, from the first bytes."""
-    if io.is_npz(path):
-        return "npz"
-    from vit_core.checkpoint_io import detect_kind
-
-    return detect_kind(path)
 
 
 def _config_beside(weights: pathlib.Path) -> tuple[pathlib.Path | None, dict[str, Any] | None]:
@@ -88,65 +72,25 @@ def open_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = Non
         path = resolve_pretrained(str(src), revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only)
     weights = _weights_in(path) if path.is_dir() else path
-    where = str(weights)
-    kind = _file_kind(weights)
+    kind = files.detect_kind(weights)
     config_path, timm_config = _config_beside(weights)
+    source = Source(weights, kind, _raw_state(weights, kind), config_path, timm_config, timm_model_name)
+    loaded = identify(source)
+    if loaded is not None:
+        return loaded
+    first = ", ".join(sorted(source.raw or ())[:8])
+    candidates = " nor ".join(f.name for f in FORMATS if kind in f.containers)
+    raise CheckpointError(f"{source.where}: a {kind} file, but neither {candidates} names (unknown format); "
+                          f"first keys: {first}")
 
-    if kind == "npz":
-        raw = io.read_npz_lazy(weights)
-        keys = set(raw)
-        layout = big_vision.detect(keys)
-        if layout is not None:
-            return big_vision.read(raw, layout, where)
-        layout = jax_npz.detect(keys)
-        if layout is not None:
-            return jax_npz.read(raw, layout, where)
-        raise CheckpointError(f"{where}: an npz file, but neither an original JAX ViT nor a big_vision ViT "
-                              f"(no embedding/kernel with Transformer/posembed_input or pos_embedding); "
-                              f"first keys: {', '.join(sorted(keys)[:8])}")
 
+def _raw_state(weights: pathlib.Path, kind: str) -> LazyState | None:
+    """The file's tensors in its own names, for the containers foreign formats come in."""
+    if kind == "npz" or kind in ("torch", "torch_legacy"):
+        return files.container(kind).read_lazy(weights)
     if kind == "safetensors":
-        header, _, _ = io.read_safetensors_header(weights)
-        keys = set(header)
-        if timm.detect(keys) is not None:
-            raw, _ = io.read_safetensors_lazy(weights)
-            return _read_timm(raw, weights, where, timm_model_name, timm_config, config_path)
-    elif kind == "torch":
-        from vit_core.checkpoint_io import read_raw_state_dict
-
-        raw_arrays, _ = read_raw_state_dict(weights)
-        keys = set(raw_arrays)
-        if timm.detect(keys) is not None:
-            from .rules import lazify
-
-            return _read_timm(lazify(raw_arrays), weights, where, timm_model_name, timm_config, config_path)
-        if not hf.looks_canonical(set(to_legacy_names(dict.fromkeys(keys)))):
-            raise CheckpointError(f"{where}: a torch state dict, but neither timm nor transformers ViT names; "
-                                  f"first keys: {', '.join(sorted(keys)[:8])}")
-    elif kind == "torch_legacy":
-        from vit_core.checkpoint_io import read_state_dict
-
-        read_state_dict(weights)  # raises checkpoint_io's explanation
-    if kind in ("safetensors", "torch", "h5", "msgpack", "index"):
-        if kind == "safetensors" and not hf.looks_canonical(set(header)):
-            raise CheckpointError(f"{where}: a safetensors file with neither timm nor transformers ViT names "
-                                  f"(unknown format); first keys: {', '.join(sorted(header)[:8])}")
-        return hf.read(weights, config_path, where)
-    raise CheckpointError(f"{where}: unrecognised checkpoint format ({kind})")
-
-
-def _read_timm(raw: Any, weights: pathlib.Path, where: str, timm_model_name: str | None,
-               timm_config: dict[str, Any] | None, config_path: pathlib.Path | None) -> Loaded:
-    layout = timm.detect(set(raw))
-    assert layout is not None
-    heads_hint = None
-    if config_path is not None:
-        try:
-            heads_hint = ViTConfig.from_json_file(config_path).num_attention_heads
-        except ValueError:
-            heads_hint = None
-    return timm.read(raw, layout, where, timm_model_name=timm_model_name, timm_config=timm_config,
-                     heads_hint=heads_hint)
+        return files.container(kind).read_lazy(weights)[0]
+    return None
 
 
 def load_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = None,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
-import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,14 +85,21 @@ def pinned_precision(framework: str) -> Iterator[None]:
         yield
 
 
-def load_model(framework: str, checkpoint: str | os.PathLike, task: str, keys: set[str]) -> Any:
-    """The framework's model class for ``task``, from a transformers checkpoint directory."""
+def build_model(framework: str, config: ViTConfig, state: Mapping[str, np.ndarray], task: str,
+                source: str = "checkpoint") -> Any:
+    """The framework's model class for ``task`` built in memory from a canonical state (strict:
+    every weight of the model from ``state``), in inference mode."""
     package = importlib.import_module(_PACKAGES[framework][0])
     cls = getattr(package, _CLASS_NAMES[framework][task])
+    kwargs = {}
     if task == "base":
-        return cls.from_pretrained(checkpoint, add_pooling_layer="pooler.dense.weight" in keys,
-                                   use_mask_token="embeddings.mask_token" in keys)
-    return cls.from_pretrained(checkpoint)
+        kwargs = {"add_pooling_layer": "pooler.dense.weight" in state, "use_mask_token": "embeddings.mask_token" in state}
+    model = cls(config, **kwargs)
+    weights = importlib.import_module(f"{_PACKAGES[framework][0]}.weights")
+    weights.load_canonical_state(model, state, source=source)
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -123,9 +128,9 @@ def framework_input(framework: str, array: np.ndarray) -> Any:
     return array
 
 
-def run_framework(framework: str, checkpoint: pathlib.Path, task: str, keys: set[str], pixel_values: np.ndarray,
-                  *, hidden_states: bool, config: ViTConfig, state: dict[str, np.ndarray] | None = None) -> Run:
-    """Load ``checkpoint`` in ``framework`` and run ``pixel_values`` (batch, C, H, W) float32.
+def run_framework(framework: str, state: Mapping[str, np.ndarray], task: str, pixel_values: np.ndarray,
+                  *, hidden_states: bool, config: ViTConfig) -> Run:
+    """Build the model of ``framework`` from the canonical ``state`` and run ``pixel_values`` (batch, C, H, W) float32.
 
     Outputs: ``logits`` / ``last_hidden_state`` (+ ``pooler_output``) / ``reconstruction``, and
     with ``hidden_states`` each ``hidden_states[i]`` (embeddings output and every layer's output).
@@ -134,14 +139,13 @@ def run_framework(framework: str, checkpoint: pathlib.Path, task: str, keys: set
     if framework == "reference":
         from vit_core.reference import forward
 
-        assert state is not None
         start = time.perf_counter()
-        out = forward(state, config, pixel_values, task, add_pooling_layer="pooler.dense.weight" in keys)
+        out = forward(dict(state), config, pixel_values, task, add_pooling_layer="pooler.dense.weight" in state)
         elapsed = time.perf_counter() - start
         return Run(_collect(out, hidden_states), 0.0, elapsed)
     with pinned_precision(framework):
         start = time.perf_counter()
-        model = load_model(framework, checkpoint, task, keys)
+        model = build_model(framework, config, state, task)
         loaded = time.perf_counter()
         out = model(framework_input(framework, pixel_values), output_hidden_states=hidden_states)
         outputs = _collect(out, hidden_states)

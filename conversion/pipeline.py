@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,10 +19,11 @@ import numpy as np
 
 from vit_core import ViTConfig
 
+from .compare import open_image
 from .detect import open_checkpoint
 from .formats.base import task_of
-from .frameworks import FRAMEWORKS, framework_input, load_model, pinned_precision, to_numpy, unavailable
-from .rules import materialize
+from .frameworks import FRAMEWORKS, build_model, framework_input, pinned_precision, to_numpy, unavailable
+from vit_core.checkpoint.lazy import materialize
 
 SUPPORTED_TASKS = ("image-classification",)
 
@@ -62,14 +62,8 @@ class ImageClassificationPipeline:
         self.config: ViTConfig = loaded.config
         source = pathlib.Path(model)
         self._directory = source if source.is_dir() else source.parent if source.exists() else None
-        state = materialize(loaded.state)
-        with tempfile.TemporaryDirectory(prefix="vitx-pipeline-") as tmp:
-            from vit_core.pretrained import save_pretrained
-
-            save_pretrained(self.config, state, tmp)
-            del state
-            with pinned_precision(framework):
-                self.model = load_model(framework, tmp, "classification", set(loaded.state))
+        with pinned_precision(framework):
+            self.model = build_model(framework, self.config, materialize(loaded.state), "classification", str(model))
         self.processor = self._make_processor()
 
     def _make_processor(self) -> Any:
@@ -80,28 +74,13 @@ class ImageClassificationPipeline:
         h, w = self.config.image_hw
         return ViTImageProcessor(size={"height": h, "width": w})
 
-    def _open(self, image: Any) -> Any:
-        if isinstance(image, (str, os.PathLike)):
-            from PIL import Image
-
-            path = pathlib.Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist")
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    return im.copy()
-            except OSError as e:
-                raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
-        return image
-
     def __call__(self, images: Any, top_k: int | None = None) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         single = _is_single(images)
         batch: Sequence[Any] = [images] if single else list(images)
         if not batch:
             return []
         k = min(self.top_k if top_k is None else top_k, self.config.num_labels)
-        pixel_values = np.asarray(self.processor([self._open(i) for i in batch], return_tensors="np")["pixel_values"],
+        pixel_values = np.asarray(self.processor([open_image(i) for i in batch], return_tensors="np")["pixel_values"],
                                   dtype=np.float32)
         with pinned_precision(self.framework):
             logits = to_numpy(self.model(framework_input(self.framework, pixel_values)).logits).astype(np.float64)

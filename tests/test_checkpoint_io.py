@@ -1,4 +1,4 @@
-"""vit_core.checkpoint_io: every weight format, checked against transformers 4.57.6 as the oracle writer.
+"""vit_core.checkpoint: every weight format, checked against transformers 4.57.6 as the oracle writer.
 
 Oracle cases save transformers' PyTorch models (and the TF / Flax models converted from them with
 ``from_pt=True``) in each format transformers writes and require ``read_state_dict`` to give back
@@ -23,8 +23,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from vit_core import checkpoint_io as cio
-from vit_core.checkpoint_io import (
+from vit_core.checkpoint import safetensors as st_container
+from vit_core.checkpoint import staging
+from vit_core.checkpoint import (
     WEIGHT_FILES,
     CheckpointError,
     CheckpointNotFoundError,
@@ -325,8 +326,12 @@ def test_round_trip_dtypes(tmp_path: pathlib.Path) -> None:
     for path in (save_state_dict(state, tmp_path / "st")[0], write_flax_msgpack(state, tmp_path / "flax_model.msgpack")):
         assert_same_state(read_state_dict(path), {k: np.ascontiguousarray(v) for k, v in state.items()})
     with pytest.MonkeyPatch.context() as patch:  # without ml_dtypes: bfloat16 is read as exact float32
-        patch.setattr(cio, "_ml_dtype", lambda name: None)
+        from vit_core.checkpoint import dtypes
+
+        patch.setattr(dtypes, "ml_dtype", lambda name: None)
         fallback = read_state_dict(tmp_path / "st")["f"]
+        flax_fallback = read_state_dict(tmp_path / "flax_model.msgpack")["f"]
+    assert flax_fallback.dtype == np.float32 and np.array_equal(flax_fallback, state["f"].astype(np.float32))
     assert fallback.dtype == np.float32 and np.array_equal(fallback, state["f"].astype(np.float32))
     safetensors_torch = pytest.importorskip("safetensors.torch")
     loaded = safetensors_torch.load_file(tmp_path / "st" / "model.safetensors")  # the reference reader agrees
@@ -343,7 +348,7 @@ def test_save_state_dict_layout(tmp_path: pathlib.Path) -> None:
     assert [p.name for p in single] == ["model.safetensors"]
     with safe_open(single[0], "np") as f:
         assert f.metadata() == {"format": "pt", "source": "test"}
-    assert (single[0].stat().st_mode & 0o777) == 0o666 & ~cio._UMASK
+    assert (single[0].stat().st_mode & 0o777) == 0o666 & ~staging.umask()
 
     written = save_state_dict(state, tmp_path, max_shard_size=4000)
     n = len(written) - 1
@@ -363,18 +368,18 @@ def test_save_state_dict_is_atomic(tmp_path: pathlib.Path, monkeypatch: pytest.M
     old = canonical_state("cls", seed=1)
     save_state_dict(old, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = cio._write_safetensors
+    real = st_container.write
     calls = []
 
-    def failing(path: pathlib.Path, state: Any, metadata: Any) -> None:
+    def failing(path: pathlib.Path, state: Any, metadata: Any = None, progress: Any = None) -> None:
         calls.append(path)
         if len(calls) == 3:
             path.write_bytes(b"half")
-            raise OSError("disk full")
-        real(path, state, metadata)
+            raise OSError(28, "No space left on device")
+        real(path, state, metadata, progress)
 
-    monkeypatch.setattr(cio, "_write_safetensors", failing)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(st_container, "write", failing)
+    with pytest.raises(CheckpointError, match="No space left on device"):
         save_state_dict(canonical_state("cls", seed=2), tmp_path, max_shard_size=3000)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     with pytest.raises(CheckpointError):
@@ -438,8 +443,9 @@ def test_torch_bin_tensors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPat
         else:
             assert got[key].dtype == tensor.detach().numpy().dtype and np.array_equal(got[key], tensor.detach().numpy()), key
     # Without ml_dtypes, bfloat16 becomes float32 holding exactly the same values.
-    monkeypatch.setattr(cio, "_bfloat16", lambda: None)
-    monkeypatch.setattr(cio, "_ml_dtype", lambda name: None)
+    from vit_core.checkpoint import dtypes
+
+    monkeypatch.setattr(dtypes, "ml_dtype", lambda name: None)
     fallback = read_state_dict(tmp_path / "pytorch_model.bin")["bf16"]
     assert fallback.dtype == np.float32 and np.array_equal(fallback, bf16.float().numpy())
 
@@ -487,12 +493,14 @@ def test_malicious_bin_is_refused_not_run(tmp_path: pathlib.Path, case: str) -> 
     assert not marker.exists()
 
 
-def test_legacy_torch_pickle_is_refused(tmp_path: pathlib.Path) -> None:
+def test_legacy_torch_pickle_loads_safely(tmp_path: pathlib.Path) -> None:
+    """torch's pre-1.6 (non-zip) format goes through the same restricted unpickler as the zip format."""
     torch = pytest.importorskip("torch")
+    state = canonical_state("cls")
     path = tmp_path / "pytorch_model.bin"
-    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy"):
-        read_state_dict(path)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"  # a bare pickle, not a zip archive
+    assert_same_state(read_state_dict(tmp_path), state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,13 +628,15 @@ def test_reads_flax_serialization_extensions(tmp_path: pathlib.Path, monkeypatch
     import ml_dtypes
 
     rng = np.random.default_rng(5)
-    tree = {"a": {"kernel": rng.standard_normal((3, 5)).astype(np.float32), "bias": np.arange(5, dtype=np.float32)},
-            "b": {"scale": rng.standard_normal(4).astype(ml_dtypes.bfloat16)}}
+    # the layouts follow the weight table's kinds: "classifier" is a linear layer, "layernorm" a norm
+    tree = {"classifier": {"kernel": rng.standard_normal((3, 5)).astype(np.float32), "bias": np.arange(5, dtype=np.float32)},
+            "layernorm": {"scale": rng.standard_normal(4).astype(ml_dtypes.bfloat16)}}
     monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 16)  # force flax to chunk every array
     (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
     got = read_state_dict(tmp_path)
-    assert_same_state(got, {"a.weight": tree["a"]["kernel"].T, "a.bias": tree["a"]["bias"], "b.weight": tree["b"]["scale"]})
-    assert got["a.weight"].flags.c_contiguous
+    assert_same_state(got, {"classifier.weight": tree["classifier"]["kernel"].T, "classifier.bias": tree["classifier"]["bias"],
+                            "layernorm.weight": tree["layernorm"]["scale"]})
+    assert got["classifier.weight"].flags.c_contiguous
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,7 +828,7 @@ def test_resolve_local_paths_unchanged(tmp_path: pathlib.Path) -> None:
 
 
 def test_import_pulls_in_no_framework() -> None:
-    code = ("import sys, vit_core.checkpoint_io; "
+    code = ("import sys, vit_core.checkpoint, vit_core.checkpoint_io; "
             "bad = [m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from conversion import CheckpointError, convert, load_checkpoint, open_checkpoint
-from conversion import io as cio
-from conversion.rules import Lazy, Split, Stack, Template, ZeroClsRow, lazify, materialize
+from vit_core.checkpoint import npz as npz_container
+from vit_core.checkpoint import safetensors as st_container
+from vit_core.checkpoint.rules import Lazy, Split, Stack, Template, ZeroClsRow, lazify, materialize
 from vit_core.reference import forward
 
 from .cases import assert_close
@@ -30,6 +31,13 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 TIMM = FIXTURES / "timm"
 NPZ = FIXTURES / "npz"
 BOUND = 1e-5  # NUMERICS.md: small configs
+
+
+def read_raw_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """A file's tensors in its own names, in memory."""
+    from vit_core.checkpoint import materialize, read_raw
+
+    return materialize(read_raw(path)[0])
 
 
 def read_raw(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -43,9 +51,9 @@ def read_raw(path: pathlib.Path) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         return load_file(str(path))
-    from vit_core.checkpoint_io import read_raw_state_dict
+    
 
-    return read_raw_state_dict(path)[0]
+    return read_raw_arrays(path)
 
 
 def assert_bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
@@ -370,15 +378,15 @@ def test_unknown_npz_and_safetensors_contents(tmp_path: pathlib.Path) -> None:
     from safetensors.numpy import save_file
 
     np.savez(tmp_path / "other.npz", a=np.zeros(3), b=np.ones(2))
-    with pytest.raises(CheckpointError, match="neither an original JAX ViT nor a big_vision ViT"):
+    with pytest.raises(CheckpointError, match="neither big_vision nor jax names"):
         load_checkpoint(tmp_path / "other.npz")
     save_file({"conv1.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "resnet.safetensors"))
-    with pytest.raises(CheckpointError, match="neither timm nor transformers"):
+    with pytest.raises(CheckpointError, match="neither timm nor transformers names"):
         load_checkpoint(tmp_path / "resnet.safetensors")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with zipfile.ZipFile(tmp_path / "pickled.npz", "w") as z:
         z.write(tmp_path / "objects.npy", "embedding/kernel.npy")
-    with pytest.raises(CheckpointError, match="Python objects|pickle"):
+    with pytest.raises(CheckpointError, match="not a numeric tensor type|Python objects|pickle"):
         load_checkpoint(tmp_path / "pickled.npz")
 
 
@@ -394,8 +402,13 @@ def test_destination_exists_needs_force(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileExistsError, match=str(dst)):
         convert(NPZ / "jax.npz", dst, to="safetensors")
     assert (dst / "keep.txt").read_text() == "mine"
-    convert(NPZ / "jax.npz", dst, to="safetensors", force=True)
+    with pytest.raises(FileExistsError, match=r"not part of a checkpoint \(keep.txt\)"):  # --force alone keeps it
+        convert(NPZ / "jax.npz", dst, to="safetensors", force=True)
+    assert (dst / "keep.txt").read_text() == "mine"
+    convert(NPZ / "jax.npz", dst, to="safetensors", force=True, force_all=True)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    convert(NPZ / "jax.npz", dst, to="tf", force=True)  # a checkpoint directory is replaced with force alone
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "tf_model.h5"]
     single = tmp_path / "w.npz"
     single.write_bytes(b"old")
     with pytest.raises(FileExistsError, match="w.npz"):
@@ -419,13 +432,13 @@ def test_interrupted_write_leaves_nothing(to: str, dst: str, tmp_path: pathlib.P
         return original(self)
 
     monkeypatch.setattr(Lazy, "materialize", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=f"{dst}: cannot write: disk unplugged .simulated."):
         convert(NPZ / "jax.npz", tmp_path / dst, to=to)
     assert list(tmp_path.iterdir()) == []
     # with an existing destination and force: the old one survives the failure
     calls["n"] = 0
     (tmp_path / dst).write_bytes(b"previous") if "." in dst else (tmp_path / dst).mkdir()
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         convert(NPZ / "jax.npz", tmp_path / dst, to=to, force=True)
     assert [p.name for p in tmp_path.iterdir()] == [dst]
 
@@ -457,25 +470,25 @@ def test_rules_are_reversible_bitwise() -> None:
 
 
 def test_safetensors_and_npz_reads_are_memory_mapped() -> None:
-    state, _ = cio.read_safetensors_lazy(TIMM / "vit_tiny" / "model.safetensors")
+    state, _ = st_container.read_lazy(TIMM / "vit_tiny" / "model.safetensors")
     assert isinstance(state["pos_embed"].load().base, np.memmap) or isinstance(state["pos_embed"].load(), np.memmap)
-    npz = cio.read_npz_lazy(NPZ / "jax.npz")
+    npz = npz_container.read_lazy(NPZ / "jax.npz")
     assert isinstance(npz["cls"].load(), np.memmap)
     assert np.array_equal(materialize(npz)["cls"], read_raw(NPZ / "jax.npz")["cls"])
 
 
 def test_own_torch_zip_writer_loads_in_torch(tmp_path: pathlib.Path) -> None:
     torch = pytest.importorskip("torch")
-    from conversion.formats.transformers import write_pytorch_bin
+    from vit_core.checkpoint import torch_zip
 
     state, _ = load_checkpoint(NPZ / "jax.npz")
     state["an_int_tensor"] = np.arange(6, dtype=np.int64).reshape(2, 3)
-    write_pytorch_bin(tmp_path / "own.bin", lazify(state), use_torch=False)
+    torch_zip.write(tmp_path / "own.bin", lazify(state))
     for mmap in (False, True):
         loaded = torch.load(tmp_path / "own.bin", weights_only=True, mmap=mmap)
         assert list(loaded) == list(state)
         assert all(np.array_equal(loaded[k].numpy(), v) for k, v in state.items())
-    from vit_core.checkpoint_io import read_state_dict
+    from vit_core.checkpoint import read_state_dict
 
     again = read_state_dict(tmp_path / "own.bin")
     assert all(np.array_equal(again[k], v) for k, v in state.items())

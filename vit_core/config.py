@@ -10,20 +10,23 @@ import copy
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 from .activations import ACTIVATIONS
 
 CONFIG_NAME = "config.json"
 
-# Model sizes (hidden size, layers, heads, MLP size), decoded from names like "B/16" (big_vision style).
+# Model sizes (hidden size, layers, heads, MLP size), decoded from names like "B/16" (big_vision
+# style). The one size table: conversion's head counts and timm's size names are read from it.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "G": (1664, 48, 16, 8192),
 }
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -265,7 +268,7 @@ class ViTConfig:
             return cls.from_json_file(path, **overrides)
         if path.is_dir():
             return cls.from_json_file(path / CONFIG_NAME, **overrides)
-        from .checkpoint_io import resolve_pretrained
+        from .checkpoint.hub import resolve_pretrained
 
         directory = resolve_pretrained(
             str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir, token=token,
@@ -293,17 +296,12 @@ def read_json_file(path: pathlib.Path, what: str) -> Any:
         raise FileNotFoundError(f"no {what} at {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (the checkpoint layer's one staging helper)."""
+    from .checkpoint.staging import write_text
+
+    write_text(path, text)

@@ -13,14 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint_io import (
-    LoadReport,
-    drop_unused_qkv_bias,
-    match_state_to_model,
-    read_state_dict,
-    resolve_pretrained,
-    save_state_dict,
-)
+from .checkpoint import files, staging
+from .checkpoint.fit import LoadReport, check_config_fits, drop_unused_qkv_bias, match_state_to_model
+from .checkpoint.hub import resolve_pretrained
+from .checkpoint.lazy import materialize
 from .config import CONFIG_NAME, ViTConfig
 from .weights import FOREIGN_HEAD_PATTERNS, HEAD_KEYS, Task, WeightSpec
 
@@ -57,8 +53,9 @@ def load_pretrained(
         config = ViTConfig.from_json_file(directory / CONFIG_NAME, **(config_overrides or {}))
     elif config_overrides:
         config = ViTConfig.from_dict(config.to_dict(), **config_overrides)
-    state = read_state_dict(location)
-    state = drop_unused_qkv_bias(state, config.qkv_bias)
+    lazy = files.read_lazy_state(location)
+    check_config_fits(lazy, config, str(location))  # before a table is built from the config
+    state = drop_unused_qkv_bias(lazy, config.qkv_bias)
     table: list[WeightSpec] = table_fn(config)
     expected = {spec.name: spec.shape for spec in table}
     state, report = match_state_to_model(
@@ -66,7 +63,8 @@ def load_pretrained(
         allowed_unexpected_patterns=FOREIGN_HEAD_PATTERNS, ignore_mismatched_sizes=ignore_mismatched_sizes,
         source=str(location),
     )
-    return config, state, report
+    with files.reading(location, "checkpoint"):
+        return config, materialize(state), report
 
 
 def save_pretrained(
@@ -76,13 +74,39 @@ def save_pretrained(
     *,
     max_shard_size: int | str | None = None,
 ) -> pathlib.Path:
-    """Write config.json + model.safetensors (canonical names, PyTorch layouts) atomically."""
+    """Write config.json + model.safetensors (canonical names, PyTorch layouts) as one atomic step.
+
+    Everything is written into a staging directory beside ``save_directory`` and swapped in at
+    once (``staging.staged_dir``): a reader, or a crash at any moment, sees the complete old
+    checkpoint or the complete new one, never new weights with an old config. Other files of an
+    existing directory (a README, training checkpoints) are carried over; weight files of the other
+    layout (a single file vs shards) are not. Where the directory cannot be swapped (it is the
+    working directory or a mount point) each file is replaced atomically on its own, weights first.
+    Write failures (disk full, read-only) raise CheckpointError naming the directory.
+    """
     directory = pathlib.Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_state_dict(state, directory, max_shard_size=_parse_size(max_shard_size))
-    config.save_pretrained(directory)
+    size = _parse_size(max_shard_size)
+    if directory.is_dir() and not staging.swappable(directory):
+        return _save_file_by_file(config, state, directory, size)
+
+    def keep(name: str) -> bool:  # what the new version carries over from the old
+        return name != CONFIG_NAME and not files.is_safetensors_weights(name)
+
+    with staging.staged_dir(directory, force=True, replace_anything=True, keep=keep) as temp:
+        with files.writing(directory):
+            files.write_shards(temp, state, max_shard_size=size)
+            (temp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+    return directory
+
+
+def _save_file_by_file(config: ViTConfig, state: dict[str, np.ndarray], directory: pathlib.Path,
+                       max_shard_size: int | None) -> pathlib.Path:
+    """The fallback of :func:`save_pretrained` for a directory that cannot be swapped: each file
+    replaced atomically, weights first, then the config."""
+    files.save_state_dict(state, directory, max_shard_size=max_shard_size)
+    staging.write_text(directory / CONFIG_NAME, config.to_json_string())
     return directory
 
 

@@ -10,19 +10,20 @@ from typing import Any
 
 import numpy as np
 
-from vit_core import ViTConfig
-from vit_core.checkpoint_io import CheckpointError
+from vit_core import VARIANTS, ViTConfig
+from vit_core.checkpoint import CheckpointError
+from vit_core.checkpoint.fit import check_state_fits_table
 from vit_core.weights import WeightSpec, weight_table
 
-from ..rules import LazyState
+from vit_core.checkpoint.lazy import LazyState
 
 # config.json key holding what a format needs to write a checkpoint back exactly as it was read
 # (key numbering, prefixes, dropped all-zero heads). transformers keeps unknown config keys.
 PROVENANCE_KEY = "vitx_source"
 
-# Heads of the standard ViT sizes (FORMATS.md section 8), for formats whose weights do not show
-# the head count (timm's fused qkv). big_vision's and timm's size tables agree.
-STANDARD_HEADS: dict[int, int] = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+# Heads of the standard ViT sizes by hidden size (vit_core's VARIANTS), for formats whose weights
+# do not show the head count (timm's fused qkv, a directory without config.json).
+STANDARD_HEADS: dict[int, int] = {hidden: heads for hidden, _, heads, _ in VARIANTS.values()}
 
 
 @dataclass
@@ -69,20 +70,10 @@ def table_for(config: ViTConfig, keys: Any) -> list[WeightSpec]:
 
 
 def check_against_table(state: LazyState, config: ViTConfig, where: str, *, extra_ok: tuple[str, ...] = ()) -> None:
-    """Strict: every key of the canonical table present with its shape, nothing else (one error lists all)."""
-    table = {s.name: s.shape for s in table_for(config, state)}
-    missing = [k for k in table if k not in state]
-    unexpected = [k for k in state if k not in table and not any(re.match(p, k) for p in extra_ok)]
-    wrong = [(k, state[k].shape, table[k]) for k in table if k in state and tuple(state[k].shape) != tuple(table[k])]
-    if missing or unexpected or wrong:
-        lines = [f"{where}: the weights do not form a ViT:"]
-        if missing:
-            lines.append("  missing: " + ", ".join(f"{k} {table[k]}" for k in missing))
-        if unexpected:
-            lines.append("  unexpected: " + ", ".join(f"{k} {state[k].shape}" for k in unexpected))
-        if wrong:
-            lines.append("  wrong shape: " + ", ".join(f"{k} {s} (expected {e})" for k, s, e in wrong))
-        raise CheckpointError("\n".join(lines))
+    """Strict: every key of the canonical table present with its shape, nothing else except keys
+    matching ``extra_ok`` (one error lists all)."""
+    checked = {k: v for k, v in state.items() if not any(re.match(p, k) for p in extra_ok)}
+    check_state_fits_table(checked, table_for(config, state), source=where, model_name="a ViT of this config")
 
 
 def _backbone_prefix(keys: Any) -> str:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vit_core.checkpoint_io import CheckpointError
+from vit_core.checkpoint import CheckpointError
 
-from ..rules import (
+from vit_core.checkpoint.rules import (
     LazyState,
     Rename,
     Renames,

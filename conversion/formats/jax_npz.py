@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.checkpoint_io import CheckpointError
+from vit_core.checkpoint import CheckpointError
 
-from ..rules import (
+from vit_core.checkpoint.rules import (
     Lazy,
     LazyState,
     Rename,

@@ -22,9 +22,10 @@ import pathlib
 import re
 from typing import Any
 
-from vit_core.checkpoint_io import CheckpointError
+from vit_core import VARIANTS
+from vit_core.checkpoint import CheckpointError
 
-from ..rules import (
+from vit_core.checkpoint.rules import (
     LazyState,
     Rename,
     Renames,
@@ -53,10 +54,9 @@ LAYER_NORM_EPS = 1e-6
 HIDDEN_ACT = "gelu"
 
 # timm size names -> (hidden size, heads)
-SIZES: dict[str, tuple[int, int]] = {
-    "tiny": (192, 3), "small": (384, 6), "medium": (512, 8), "base": (768, 12), "large": (1024, 16),
-    "huge": (1280, 16), "giant": (1408, 16), "gigantic": (1664, 16),
-}
+# timm's size names -> vit_core's VARIANTS (the one size table).
+SIZES: dict[str, str] = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H",
+                         "giant": "g", "gigantic": "G"}
 _MODEL_NAME = re.compile(
     r"^(?:timm/)?vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<rest>(?:_[a-z0-9]+?)*?)(?:_(?P<img>\d+))?(?:\.(?P<tag>[\w\-.]+))?$"
 )
@@ -136,7 +136,7 @@ def parse_model_name(name: str) -> dict[str, Any]:
     for pattern, feature in _NAME_FEATURES:
         if pattern.search(rest) or pattern.search(m.group("size")):
             raise CheckpointError(f"timm model {name!r}: unsupported variant: {feature}; transformers' ViT has no equivalent")
-    hidden, heads = SIZES[m.group("size")]
+    hidden, _, heads, _ = VARIANTS[SIZES[m.group("size")]]
     return {"hidden": hidden, "heads": heads, "patch": int(m.group("patch")),
             "image": int(m.group("img")) if m.group("img") else None}
 
@@ -283,3 +283,15 @@ def hub_config(config: Any, state_keys: set[str]) -> dict[str, Any]:
     if num_classes:
         out["label_names"] = [config.id2label[i] for i in range(config.num_labels)]
     return out
+
+
+def heads_hint(config_path: pathlib.Path | None) -> int | None:
+    """The head count of a transformers config.json beside a timm state dict, if there is a valid one."""
+    if config_path is None:
+        return None
+    from vit_core import ViTConfig
+
+    try:
+        return ViTConfig.from_json_file(config_path).num_attention_heads
+    except ValueError:
+        return None

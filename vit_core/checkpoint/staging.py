@@ -26,7 +26,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import CheckpointError, writing
 
@@ -45,7 +45,7 @@ CHECKPOINT_FILE_PATTERNS: tuple[str, ...] = (
 )
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -166,8 +166,9 @@ def staged_file(target: str | os.PathLike, *, force: bool = True) -> Iterator[pa
     temp = pathlib.Path(name)
     try:
         with writing(target):
-            os.chmod(temp, 0o666 & ~_umask())
-        yield temp
+            os.chmod(temp, 0o666 & ~umask())
+        with _naming(temp, target):
+            yield temp
         with writing(target):
             fsync_path(temp)
             if force:
@@ -177,6 +178,17 @@ def staged_file(target: str | os.PathLike, *, force: bool = True) -> Iterator[pa
             fsync_path(target.parent)
     finally:
         temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(temp: pathlib.Path, target: pathlib.Path) -> Iterator[None]:
+    """Errors raised while writing into ``temp`` name ``target``, the path the user gave."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(temp) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(temp), str(target))) from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
@@ -202,16 +214,16 @@ def foreign_entries(directory: pathlib.Path, patterns: Iterable[str] = CHECKPOIN
 
 @contextlib.contextmanager
 def staged_dir(target: str | os.PathLike, *, force: bool = False, replace_anything: bool = False,
-               keep: Iterable[str] = ()) -> Iterator[pathlib.Path]:
+               keep: Callable[[str], bool] | None = None) -> Iterator[pathlib.Path]:
     """A temporary directory beside ``target`` that becomes ``target`` in one step when the block succeeds.
 
     - ``target`` absent: the new directory is renamed in with RENAME_NOREPLACE; a concurrent
       writer that got there first makes this one fail with FileExistsError.
     - ``target`` present: FileExistsError unless ``force``. With ``force`` it must hold only
       checkpoint files (:data:`CHECKPOINT_FILE_PATTERNS`), else FileExistsError lists what would
-      be lost, unless ``replace_anything``. Entries named in ``keep`` (names or glob patterns) are
-      carried into the new version as hard links before the swap (``save_pretrained`` keeps a
-      directory's other files this way). The swap is RENAME_EXCHANGE; the old version is then
+      be lost, unless ``replace_anything``. Entries for which ``keep(name)`` is true are carried
+      into the new version as hard links before the swap, unless the new version has an entry of
+      that name (``save_pretrained`` keeps a directory's other files this way). The swap is RENAME_EXCHANGE; the old version is then
       deleted. Without renameat2 the old version is first renamed aside and the new one renamed
       in: a crash between the two leaves the complete old version beside the destination as
       ``.<name>.<random>.old`` (logged nowhere: it is the fallback of systems without renameat2).
@@ -219,14 +231,14 @@ def staged_dir(target: str | os.PathLike, *, force: bool = False, replace_anythi
     On any failure the temporary directory is removed and ``target`` is as it was.
     """
     target = pathlib.Path(target)
-    keep = tuple(keep)
+    _refuse_working_directory(target)
     exists = os.path.lexists(target)
     if exists and not force:
         raise FileExistsError(f"{target} already exists (pass force=True / --force to overwrite)")
     if exists and (target.is_symlink() or not target.is_dir()):
         raise FileExistsError(f"{target} exists and is not a directory")
     if exists and not replace_anything:
-        foreign = [e for e in foreign_entries(target) if not any(fnmatch.fnmatchcase(e.rstrip("/"), k) for k in keep)]
+        foreign = [e for e in foreign_entries(target) if not (keep and keep(e.rstrip("/")))]
         if foreign:
             shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
             raise FileExistsError(f"{target} holds files that are not part of a checkpoint ({shown}); --force would "
@@ -235,12 +247,13 @@ def staged_dir(target: str | os.PathLike, *, force: bool = False, replace_anythi
     with writing(target):
         temp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        yield temp
+        with _naming(temp, target):
+            yield temp
         with writing(target):
             if exists and keep:
                 _link_kept(target, temp, keep)
             _fsync_tree(temp)
-            os.chmod(temp, 0o777 & ~_umask())
+            os.chmod(temp, 0o777 & ~umask())
             if not os.path.lexists(target):
                 rename_noreplace(temp, target)
             elif not force:
@@ -255,11 +268,11 @@ def staged_dir(target: str | os.PathLike, *, force: bool = False, replace_anythi
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def _link_kept(old: pathlib.Path, new: pathlib.Path, keep: tuple[str, ...]) -> None:
-    """Hard-link (recursively) the entries of ``old`` matching ``keep`` into ``new``, where
+def _link_kept(old: pathlib.Path, new: pathlib.Path, keep: Callable[[str], bool]) -> None:
+    """Hard-link (recursively) the entries of ``old`` that ``keep`` accepts into ``new``, where
     ``new`` has no entry of that name yet."""
     for child in old.iterdir():
-        if os.path.lexists(new / child.name) or not any(fnmatch.fnmatchcase(child.name, k) for k in keep):
+        if os.path.lexists(new / child.name) or not keep(child.name):
             continue
         if child.is_symlink():
             os.symlink(os.readlink(child), new / child.name)
@@ -267,6 +280,23 @@ def _link_kept(old: pathlib.Path, new: pathlib.Path, keep: tuple[str, ...]) -> N
             shutil.copytree(child, new / child.name, symlinks=True, copy_function=os.link)
         else:
             os.link(child, new / child.name)
+
+
+def swappable(target: pathlib.Path) -> bool:
+    """Whether ``target`` can be replaced by a directory swap: not the working directory or one
+    of its parents (the process would be left inside the deleted old version), not a mount point."""
+    try:
+        real = pathlib.Path(os.path.realpath(target))
+        cwd = pathlib.Path(os.path.realpath(os.getcwd()))
+    except OSError:
+        return False
+    return not (real == cwd or real in cwd.parents or os.path.ismount(real))
+
+
+def _refuse_working_directory(target: pathlib.Path) -> None:
+    if target.name in ("", ".", "..") or (os.path.lexists(target) and not swappable(target)):
+        raise CheckpointError(f"{target}: cannot be replaced as a whole (it is the current directory, one of its "
+                              "parents or a mount point): give a new directory name as the destination")
 
 
 def _replace_in_two_steps(temp: pathlib.Path, target: pathlib.Path) -> None:

@@ -1,4 +1,4 @@
-"""The generic rule engine: one source format's weight names and layouts as data, applied both ways.
+"""The generic rule engine: one format's weight names and layouts as data, applied both ways.
 
 A format module declares an ordered list of rules. ``apply_forward`` runs them in order to turn a
 state in the source format's names into canonical names (transformers 4.x PyTorch, FORMATS.md
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.checkpoint_io import CheckpointError
+from .errors import CheckpointError
+from .lazy import Lazy, LazyState, lazify, lazy_from_array, materialize  # noqa: F401  (re-exported)
 
 PLACEHOLDERS: dict[str, str] = {
     "i": r"\d+",                 # a layer index
@@ -32,53 +33,6 @@ PLACEHOLDERS: dict[str, str] = {
     "ksb": r"kernel|scale|bias",  # a flax parameter leaf
     "path": r".+",               # the rest of a path
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Lazy tensors
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Lazy:
-    """A tensor whose shape and dtype are known and whose data is produced by ``load()`` on demand.
-
-    ``load`` returns a numpy array of exactly ``shape`` and ``dtype`` (it may be a read-only view
-    of a memory-mapped file). ``source`` names where the data comes from, for error messages.
-    """
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    load: Callable[[], np.ndarray]
-    source: str = ""
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def materialize(self) -> np.ndarray:
-        array = self.load()
-        if tuple(array.shape) != self.shape or array.dtype != self.dtype:
-            raise CheckpointError(f"{self.source or 'tensor'}: expected {self.shape} {self.dtype}, read "
-                                  f"{tuple(array.shape)} {array.dtype}")
-        return array
-
-
-def lazy_from_array(array: np.ndarray, source: str = "") -> Lazy:
-    """Wrap an array that is already in memory."""
-    return Lazy(tuple(int(s) for s in array.shape), array.dtype, lambda: array, source)
-
-
-LazyState = dict[str, Lazy]
-
-
-def materialize(state: Mapping[str, Lazy]) -> dict[str, np.ndarray]:
-    """Read every tensor (copies of memory-mapped data, so the result outlives the file)."""
-    return {key: np.array(value.materialize()) for key, value in state.items()}
-
-
-def lazify(state: Mapping[str, np.ndarray]) -> LazyState:
-    return {key: lazy_from_array(np.asarray(value), key) for key, value in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +395,33 @@ class Stack(Rule):
             out[stacked] = Lazy((n,) + lazies[0].shape, lazies[0].dtype,
                                 lambda lz=lazies: np.stack([x.materialize() for x in lz]), stacked)
         return out
+
+
+@dataclass(frozen=True)
+class Sub(Rule):
+    """A key rewrite by regular expression, declared for both directions; keys it does not match
+    pass through. ``forward`` is (pattern, replacement) from the format's names toward canonical,
+    ``backward`` the inverse. Values are never touched. Two keys landing on one name is an error
+    (a file that mixes both spellings of a weight)."""
+
+    forward_sub: tuple[str, str]
+    backward_sub: tuple[str, str]
+
+    def _apply(self, state: Mapping[str, Any], sub: tuple[str, str]) -> dict[str, Any]:
+        pattern = re.compile(sub[0])
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            new = pattern.sub(sub[1], key)
+            if new in out:
+                raise CheckpointError(f"key {key!r} and another key both map to {new!r} (two spellings of one weight)")
+            out[new] = value
+        return out
+
+    def forward(self, state: LazyState, dims: Dims) -> LazyState:
+        return self._apply(state, self.forward_sub)
+
+    def backward(self, state: LazyState, dims: Dims) -> LazyState:
+        return self._apply(state, self.backward_sub)
 
 
 # Canonical task layout: task models keep the backbone under "vit." (FORMATS.md section 1).
