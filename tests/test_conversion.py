@@ -432,7 +432,7 @@ def test_interrupted_write_leaves_nothing(to: str, dst: str, tmp_path: pathlib.P
         return original(self)
 
     monkeypatch.setattr(Lazy, "materialize", failing)
-    with pytest.raises(CheckpointError, match=f"{dst}: cannot write: disk unplugged .simulated."):
+    with pytest.raises(CheckpointError, match=rf"/{dst}(/[\w.]+)?: cannot write: disk unplugged .simulated."):
         convert(NPZ / "jax.npz", tmp_path / dst, to=to)
     assert list(tmp_path.iterdir()) == []
     # with an existing destination and force: the old one survives the failure

@@ -197,7 +197,7 @@ _KILLER = textwrap.dedent("""
                 os._exit(137)  # as kill -9: no cleanup, no finally
             return fn(*args, **kwargs)
         return wrapper
-    for name in ("rename", "replace", "link", "unlink", "rmdir"):
+    for name in ("rename", "replace", "link", "unlink", "rmdir", "fsync", "chmod", "mkdir", "open"):
         setattr(os, name, counted(getattr(os, name)))
     staging._renameat2 = counted(staging._renameat2)
     sys.argv = sys.argv[:1] + sys.argv[2:]
@@ -230,7 +230,7 @@ def test_save_pretrained_killed_at_every_step_leaves_old_or_new(tmp_path: pathli
         from tests.cases import TINY, seeded_state
         config = ViTConfig(**dict(TINY, num_labels=3), id2label={0: "new", 1: "b", 2: "c"})
         save_pretrained(config, seeded_state(config, "classification", seed=1), sys.argv[1])
-    """).replace("\n", "\n    ")
+    """)
     outcomes = []
     for step in range(1, 40):
         target = tmp_path / f"run{step}"
@@ -249,7 +249,7 @@ def test_save_pretrained_killed_at_every_step_leaves_old_or_new(tmp_path: pathli
 
 def test_convert_force_killed_at_every_step_leaves_old_or_new(tmp_path: pathlib.Path) -> None:
     new_src = checkpoint(tmp_path / "src", seed=1, labels=("new", "b", "c"))
-    body = "from conversion import convert\n    convert(sys.argv[1], sys.argv[2], to='safetensors', force=True)"
+    body = "from conversion import convert\nconvert(sys.argv[1], sys.argv[2], to='safetensors', force=True)"
     outcomes = []
     for step in range(1, 40):
         dst = tmp_path / f"dst{step}"

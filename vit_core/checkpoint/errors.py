@@ -13,6 +13,7 @@ import pathlib
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 PathLike = str | os.PathLike
@@ -34,7 +35,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 _PARSE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, struct.error,
     zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, RecursionError, OverflowError,
-    MemoryError, UnicodeError, RuntimeError, NotImplementedError, LookupError,
+    MemoryError, UnicodeError, RuntimeError, NotImplementedError, LookupError, zlib.error,
 )
 
 
@@ -67,7 +68,7 @@ def writing(path: PathLike) -> contextlib.AbstractContextManager[None]:
 def _writing(where: str) -> Iterator[None]:
     try:
         yield
-    except CheckpointError:
+    except (CheckpointError, FileExistsError):  # FileExistsError: the destination exists, as the caller says
         raise
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)

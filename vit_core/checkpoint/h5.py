@@ -269,6 +269,8 @@ def write(path: pathlib.Path, state: LazyState, progress: Progress | None = None
 
     path = pathlib.Path(path)
     layers = _layers(state, path)
+    with writing(path):
+        _reserve(path, sum(lazy.nbytes for lazy in state.values()) + _OVERHEAD * (len(state) + 16))
     with writing(path), h5py.File(path, "w") as f:
         f.attrs["backend"] = "tensorflow"
         f.attrs["keras_version"] = KERAS_VERSION
@@ -280,6 +282,32 @@ def write(path: pathlib.Path, state: LazyState, progress: Progress | None = None
                 group.create_dataset(name, data=dtypes.native(np.asarray(lazy.materialize())))
                 if progress:
                     progress(lazy.nbytes)
+
+
+_OVERHEAD = 4096  # HDF5 bytes per object (headers, B-tree nodes, attributes), generously
+
+
+def _reserve(path: pathlib.Path, nbytes: int) -> None:
+    """Make sure the file system will take ``nbytes`` before HDF5 writes anything.
+
+    HDF5 does not survive a failing write well (a full disk or a file-size limit can end in a
+    crash while h5py closes the file), so the space is claimed first with ``posix_fallocate``,
+    which fails cleanly with ENOSPC / EFBIG, and released again for HDF5 (which truncates the
+    file when it creates it). A race with another writer for the same space remains possible.
+    """
+    import os
+
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, max(1, nbytes))
+        except OSError as e:
+            import errno
+
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # the file system cannot reserve space; HDF5 writes as usual
+            raise
+        except AttributeError:  # pragma: no cover - not on this platform
+            return
 
 
 def _layers(state: Mapping[str, Lazy], path: pathlib.Path) -> dict[str, list[tuple[str, Lazy]]]:
