@@ -798,7 +798,12 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         rngs: nnx.Rngs | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> ImageClassifierOutput | tuple[Array, ...]:
-        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
+        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__).
+
+        Concrete labels are checked here, before they become int32 device arrays: a single-label
+        class index outside [0, num_labels) other than -100 is a ValueError naming it."""
+        if labels is not None and not isinstance(labels, jax.core.Tracer):
+            check_labels(np.asarray(labels), self.config)
         return self._compiled_call(
             {"pixel_values": pixel_values, "head_mask": head_mask, "labels": labels},
             {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
@@ -835,7 +840,15 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
 
 
 def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Array:
-    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset), in float32."""
+    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset), in float32.
+
+    Cross-entropy skips labels equal to -100 (torch's ignore_index), averaging over the others, as
+    transformers' PyTorch loss does (NaN when every label is skipped or the batch is empty, as
+    torch gives). Any other label outside [0, num_labels) is a ValueError naming it when the labels
+    are concrete (``model(...)`` checks them before compiling; ``forward`` under
+    jax.disable_jit); under jax.jit, where they are not, such a label makes the loss NaN (never a
+    finite wrong loss: no clamping, no wrap-around of -1).
+    """
     is_integer = bool(jnp.issubdtype(labels.dtype, jnp.integer))
     problem = validation.problem_type(config, is_integer)
     num_labels = config.num_labels
@@ -846,12 +859,27 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
             return jnp.mean((logits.squeeze() - labels.squeeze()) ** 2)
         return jnp.mean((logits - labels) ** 2)
     if problem == "single_label_classification":
+        flat_labels = labels.reshape(-1)
+        if not isinstance(flat_labels, jax.core.Tracer):
+            validation.check_class_labels(np.asarray(flat_labels), num_labels)
+        ignored = flat_labels == validation.IGNORE_INDEX
+        out_of_range = ~ignored & ((flat_labels < 0) | (flat_labels >= num_labels))
+        safe_labels = jnp.where(ignored | out_of_range, 0, flat_labels).astype(jnp.int32)
         log_probs = jax.nn.log_softmax(logits.reshape(-1, num_labels), axis=-1)
-        picked = jnp.take_along_axis(log_probs, labels.reshape(-1, 1).astype(jnp.int32), axis=-1)
-        return -jnp.mean(picked)
+        picked = jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]  # (batch,)
+        kept = (~ignored).astype(jnp.float32)
+        loss = -jnp.sum(picked * kept) / jnp.sum(kept)
+        return jnp.where(jnp.any(out_of_range), jnp.nan, loss)
     # multi-label: binary cross-entropy with logits, mean over every element (log1p form, stable)
     labels = labels.astype(jnp.float32)
     return jnp.mean(jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def check_labels(labels: np.ndarray, config: ViTConfig) -> None:
+    """vit_core.validation.check_class_labels when ``labels`` are single-label class indices."""
+    is_integer = bool(np.issubdtype(labels.dtype, np.integer))
+    if validation.problem_type(config, is_integer) == "single_label_classification":
+        validation.check_class_labels(labels, config.num_labels)
 
 
 # ------------------------------------------------------------------------------ small helpers

@@ -136,6 +136,11 @@ class Conv2d(keras.Layer):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         """(batch, height, width, in) -> (batch, height // kh, width // kw, out)."""
+        if x.shape[0] == 0:
+            # TensorFlow's CPU convolution returns its empty input unchanged, shape and all: the
+            # empty result of the right shape instead, as torch gives (batch 0 runs everywhere)
+            (kh, kw), out_channels = self.kernel_hw, self.weight.shape[-1]
+            return tf.zeros((0, x.shape[1] // kh, x.shape[2] // kw, out_channels), self.compute_dtype)
         y = tf.nn.conv2d(x, self.weight, strides=(1, *self.kernel_hw, 1), padding="VALID")
         return tf.nn.bias_add(y, self.bias)
 

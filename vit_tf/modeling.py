@@ -753,7 +753,10 @@ def classification_loss(logits: tf.Tensor, labels: Any, config: ViTConfig) -> tf
     """transformers' image-classification loss for ``config.problem_type`` (inferred when unset).
 
     Computed in float32. Cross-entropy skips labels equal to -100 (torch's ignore_index), averaging
-    over the others, as transformers' PyTorch loss does.
+    over the others, as transformers' PyTorch loss does (NaN when every label is skipped or the
+    batch is empty, as torch gives). Any other label outside [0, num_labels) is a ValueError naming
+    it when the labels are concrete (eager mode); inside tf.function, where they are not, such a
+    label makes the loss NaN (never a finite wrong loss).
     """
     labels = tf.convert_to_tensor(labels)
     problem = validation.problem_type(config, labels.dtype.is_integer)
@@ -767,11 +770,15 @@ def classification_loss(logits: tf.Tensor, labels: Any, config: ViTConfig) -> tf
     if problem == "single_label_classification":
         flat_logits = tf.reshape(logits, (-1, num_labels))
         flat_labels = tf.reshape(tf.cast(labels, tf.int64), (-1,))
-        valid = tf.not_equal(flat_labels, -100)
+        if tf.executing_eagerly():
+            validation.check_class_labels(flat_labels.numpy(), num_labels)
+        valid = tf.not_equal(flat_labels, validation.IGNORE_INDEX)
+        out_of_range = valid & ((flat_labels < 0) | (flat_labels >= num_labels))
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.where(valid, flat_labels, tf.zeros_like(flat_labels)), logits=flat_logits)
+            labels=tf.where(valid & ~out_of_range, flat_labels, tf.zeros_like(flat_labels)), logits=flat_logits)
         valid = tf.cast(valid, tf.float32)
-        return tf.reduce_sum(losses * valid) / tf.reduce_sum(valid)
+        loss = tf.reduce_sum(losses * valid) / tf.reduce_sum(valid)
+        return tf.where(tf.reduce_any(out_of_range), tf.constant(float("nan"), tf.float32), loss)
     return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits))
 
 

@@ -669,7 +669,14 @@ class ViTForImageClassification(ViTPreTrainedModel):
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ViTConfig) -> torch.Tensor:
-    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset)."""
+    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset).
+
+    Single-label cross-entropy skips labels equal to -100 (``ignore_index``), averaging over the
+    others (NaN when every label is skipped or the batch is empty, as F.cross_entropy gives). Any
+    other label outside [0, num_labels) is a ValueError naming it. Under torch.compile the labels'
+    values are not known while tracing: there an out-of-range label makes the loss NaN instead
+    (never a finite wrong loss), without a graph break.
+    """
     labels = labels.to(logits.device)
     is_integer = not labels.is_floating_point() and labels.dtype != torch.bool and not labels.is_complex()
     problem = validation.problem_type(config, is_integer)
@@ -680,7 +687,14 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ViTC
             return F.mse_loss(logits.squeeze(), labels.squeeze())
         return F.mse_loss(logits, labels)
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
+        flat_labels = labels.reshape(-1).long()
+        if not torch.compiler.is_compiling():
+            validation.check_class_labels(flat_labels.detach().cpu().numpy(), num_labels)
+            return F.cross_entropy(logits.view(-1, num_labels), flat_labels)
+        ignored = flat_labels == validation.IGNORE_INDEX
+        out_of_range = ~ignored & ((flat_labels < 0) | (flat_labels >= num_labels))
+        loss = F.cross_entropy(logits.view(-1, num_labels), flat_labels.masked_fill(out_of_range, validation.IGNORE_INDEX))
+        return torch.where(out_of_range.any(), torch.full_like(loss, float("nan")), loss)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
