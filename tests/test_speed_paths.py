@@ -113,7 +113,7 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(monkeypatch: pyt
     model = ViTModel(case.vit_config).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     tokens = case.vit_config.num_patches + 1
-    monkeypatch.setattr(torch_modeling, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
+    monkeypatch.setattr(torch_layers, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32))
     calls = []
     real_layer_forward = torch_modeling.ViTLayer.forward

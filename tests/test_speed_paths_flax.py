@@ -43,7 +43,7 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(monkeypatch: pyt
     model = FlaxViTModel(TINY_CASE.vit_config, _do_init=False)
     load_canonical_state(model, state)
     tokens = TINY_CASE.vit_config.num_patches + 1
-    monkeypatch.setattr(flax_modeling, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
+    monkeypatch.setattr(flax_layers, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     traced = []
     real_layer_call = flax_modeling.ViTLayer.__call__
@@ -70,9 +70,9 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(monkeypatch: pyt
 @pytest.mark.skipif(not CPU, reason="sub-batching is a CPU path")
 def test_symbolic_batch_runs_whole() -> None:
     hidden = jax.ShapeDtypeStruct((jax.export.symbolic_shape("b")[0], 200, 8), jnp.float32)
-    assert not flax_modeling.ViTEncoder.splits_batch(hidden, None, False, False, None)
-    assert flax_modeling.ViTEncoder.splits_batch(jnp.zeros((8, 200, 8)), None, False, False, None)
-    assert not flax_modeling.ViTEncoder.splits_batch(jnp.zeros((8, 200, 8)), None, False, False, jax.random.key(0))
+    assert not flax_layers.splits_batch(hidden, None, False, False, None)
+    assert flax_layers.splits_batch(jnp.zeros((8, 200, 8)), None, False, False, None)
+    assert not flax_layers.splits_batch(jnp.zeros((8, 200, 8)), None, False, False, jax.random.key(0))
 
 
 def _dots(jaxpr: Any) -> list[Any]:

@@ -19,6 +19,7 @@ from tests.cases import CASES, make_state  # noqa: E402
 from vit_core.reference import forward as reference_forward  # noqa: E402
 from vit_core.tolerances import TOLERANCES  # noqa: E402
 from vit_tf import TFViTModel, load_canonical_state  # noqa: E402
+from vit_tf import layers as tf_layers  # noqa: E402
 from vit_tf import modeling as tf_modeling  # noqa: E402
 
 TINY_CASE = next(c for c in CASES if c.name == "tiny")
@@ -30,7 +31,7 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(mode: str, monke
     model = TFViTModel(TINY_CASE.vit_config)
     load_canonical_state(model, state)
     tokens = TINY_CASE.vit_config.num_patches + 1
-    monkeypatch.setattr(tf_modeling, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
+    monkeypatch.setattr(tf_layers, "INFERENCE_CHUNK_ROWS", 2 * tokens)  # 2 images per sub-batch
     x = tf.constant(np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32))
     calls = []
     real_layer_call = tf_modeling.ViTLayer.call
@@ -54,16 +55,16 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(mode: str, monke
 
 def test_dynamic_batch_and_training_run_whole() -> None:
     hidden = tf.zeros((8, 200, 8))
-    assert tf_modeling.ViTEncoder.splits_batch(hidden, None, False, False, False)
-    assert not tf_modeling.ViTEncoder.splits_batch(hidden, None, False, False, True)  # training
-    assert not tf_modeling.ViTEncoder.splits_batch(hidden, tf.ones((1, 2, 1, 1)), False, False, False)
-    assert not tf_modeling.ViTEncoder.splits_batch(tf.zeros((1, 2000, 8)), None, False, False, False)
+    assert tf_layers.splits_batch(hidden, None, False, False, False)
+    assert not tf_layers.splits_batch(hidden, None, False, False, True)  # training
+    assert not tf_layers.splits_batch(hidden, tf.ones((1, 2, 1, 1)), False, False, False)
+    assert not tf_layers.splits_batch(tf.zeros((1, 2000, 8)), None, False, False, False)
     # bfloat16 runs whole (TF's bf16 matmul is faster on more rows)
-    assert not tf_modeling.ViTEncoder.splits_batch(tf.zeros((8, 200, 8), tf.bfloat16), None, False, False, False)
+    assert not tf_layers.splits_batch(tf.zeros((8, 200, 8), tf.bfloat16), None, False, False, False)
 
     @tf.function(input_signature=[tf.TensorSpec((None, 200, 8))])
     def traced(h: tf.Tensor) -> tf.Tensor:
-        assert not tf_modeling.ViTEncoder.splits_batch(h, None, False, False, False)  # batch unknown at trace
+        assert not tf_layers.splits_batch(h, None, False, False, False)  # batch unknown at trace
         return h
 
     traced(hidden)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 import pathlib
 from typing import Any
 
@@ -56,6 +58,16 @@ _DEFAULTS: dict[str, Any] = {
 _INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "num_channels", "encoder_stride")
 _PROB_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+# Fields that are JSON booleans only (never a string such as "false", never 0 / 1): the model's
+# own, and the output flags of transformers' PretrainedConfig that the models read from ``extra``.
+_BOOL_FIELDS = ("qkv_bias",)
+_BOOL_EXTRA_FIELDS = ("output_attentions", "output_hidden_states", "return_dict")
+# Sane bounds of the float fields. LayerNorm's eps is 1e-12 (transformers) to 1e-5 in real
+# checkpoints; one near the activations' variance (or an overflow such as 1e300) flattens every
+# token. initializer_range is a standard deviation of weights: 0.02 in every ViT.
+LAYER_NORM_EPS_MAX = 0.1
+INITIALIZER_RANGE_MAX = 1.0
+_INT_STRING = re.compile(r"-?[0-9]+")
 
 
 def _pair(value: int | tuple[int, int] | list[int], field: str) -> tuple[int, int]:
@@ -69,6 +81,20 @@ def _pair(value: int | tuple[int, int] | list[int], field: str) -> tuple[int, in
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"ViTConfig.{field} must hold positive ints, got {value!r}")
     return pair
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _label_index(value: Any, what: str) -> int:
+    """A class index of id2label / label2id: an int, or a string of one (JSON object keys are strings)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INT_STRING.fullmatch(value):
+        return int(value)
+    field = what.split()[0]
+    raise ValueError(f"ViTConfig.{field}: each {what} must be an int class index (or a string of one), got {value!r}")
 
 
 class ViTConfig:
@@ -88,7 +114,11 @@ class ViTConfig:
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
         if id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            if not isinstance(id2label, dict):
+                raise ValueError(f"ViTConfig.id2label must be a mapping of class index to name, got {id2label!r}")
+            self.id2label = {_label_index(k, "id2label key"): str(v) for k, v in id2label.items()}
+            if len(self.id2label) != len(id2label):
+                raise ValueError(f"ViTConfig.id2label names a class index twice (e.g. 0 and '0'): {list(id2label)[:10]}")
             if num_labels is not None and num_labels != len(self.id2label):
                 raise ValueError(
                     f"ViTConfig.num_labels={num_labels} disagrees with id2label ({len(self.id2label)} labels)"
@@ -99,7 +129,9 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.num_labels must be a non-negative int, got {n!r}")
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         if label2id is not None:
-            self.label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+            if not isinstance(label2id, dict):
+                raise ValueError(f"ViTConfig.label2id must be a mapping of name to class index, got {label2id!r}")
+            self.label2id = {str(k): _label_index(v, "label2id value") for k, v in label2id.items()}
         else:
             self.label2id = {v: k for k, v in self.id2label.items()}
         kwargs.pop("model_type", None)
@@ -114,6 +146,8 @@ class ViTConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"ViTConfig.num_labels must be a non-negative int, got {n!r}")
         self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.label2id = {v: k for k, v in self.id2label.items()}
 
@@ -147,7 +181,15 @@ class ViTConfig:
 
     # ----------------------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid field.
+
+        Ints are ints (not bools, not floats); booleans are bools only (a JSON string "false" or a
+        0 / 1 is an error, never coerced); layer_norm_eps is finite in (0, LAYER_NORM_EPS_MAX];
+        initializer_range finite in [0, INITIALIZER_RANGE_MAX]; dropout probabilities in [0, 1);
+        id2label keys are exactly 0..num_labels-1 and label2id values ints in that range (label2id
+        names are not matched against id2label: transformers keeps a stale label2id after
+        ``config.id2label = ...``, and ImageNet's id2label repeats names).
+        """
         for name in _INT_FIELDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -162,11 +204,17 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.image_size {self.image_size!r} must be divisible by patch_size {self.patch_size!r}"
             )
-        if self.hidden_act not in ACTIVATIONS:
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
+        for name in _BOOL_EXTRA_FIELDS:
+            if name in self.extra and not isinstance(self.extra[name], bool):
+                raise ValueError(f"ViTConfig.{name} must be true or false (a JSON boolean), got {self.extra[name]!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"ViTConfig.hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
             )
-        if self.pooler_act not in ACTIVATIONS:
+        if not isinstance(self.pooler_act, str) or self.pooler_act not in ACTIVATIONS:
             raise ValueError(
                 f"ViTConfig.pooler_act {self.pooler_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
             )
@@ -174,10 +222,14 @@ class ViTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
                 raise ValueError(f"ViTConfig.{name} must be a probability in [0, 1), got {v!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"ViTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"ViTConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        eps = self.layer_norm_eps
+        if not _is_finite_number(eps) or not 0 < eps <= LAYER_NORM_EPS_MAX:
+            raise ValueError(f"ViTConfig.layer_norm_eps must be a finite number in (0, {LAYER_NORM_EPS_MAX}], got {eps!r}")
+        std = self.initializer_range
+        if not _is_finite_number(std) or not 0 <= std <= INITIALIZER_RANGE_MAX:
+            raise ValueError(f"ViTConfig.initializer_range must be a finite number in [0, {INITIALIZER_RANGE_MAX}], "
+                             f"got {std!r}")
+        self._validate_labels()
         if self.pooler_output_size is not None and (
             isinstance(self.pooler_output_size, bool)
             or not isinstance(self.pooler_output_size, int)
@@ -186,6 +238,18 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.pooler_output_size must be a positive int or None, got {self.pooler_output_size!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"ViTConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
+
+    def _validate_labels(self) -> None:
+        n = len(self.id2label)
+        keys = list(self.id2label)
+        wrong = [k for k in keys if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n]
+        if wrong or len(set(keys)) != n:
+            raise ValueError(f"ViTConfig.id2label keys must be the class indices 0..{n - 1} of its {n} labels, "
+                             f"got {wrong[:10] if wrong else 'repeated keys'}")
+        for name, index in self.label2id.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+                raise ValueError(f"ViTConfig.label2id[{name!r}] must be a class index in [0, {n}) "
+                                 f"(num_labels={n}), got {index!r}")
 
     # ----------------------------------------------------------------------------- variants
     @classmethod

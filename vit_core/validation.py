@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .config import ViTConfig
+
+# Single-label classification targets equal to this are skipped by the loss (torch's ignore_index).
+IGNORE_INDEX = -100
 
 
 def check_pixel_values(shape: Sequence[int], is_floating: bool, config: ViTConfig, interpolate_pos_encoding: bool) -> tuple[int, int]:
@@ -71,3 +76,13 @@ def problem_type(config: ViTConfig, labels_are_integer: bool) -> str:
     if labels_are_integer:
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def check_class_labels(labels: np.ndarray | Sequence[int], num_labels: int) -> None:
+    """Single-label classification targets: each a class index in [0, num_labels), or IGNORE_INDEX
+    (-100, skipped by the loss). Any other value is a ValueError naming it and num_labels."""
+    flat = np.asarray(labels).reshape(-1)
+    bad = flat[(flat != IGNORE_INDEX) & ((flat < 0) | (flat >= num_labels))]
+    if bad.size:
+        raise ValueError(f"labels must be class indices in [0, {num_labels}) for num_labels={num_labels}, "
+                         f"or {IGNORE_INDEX} to ignore an example; got label {int(bad[0])}")

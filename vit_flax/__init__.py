@@ -2,37 +2,22 @@
 
 ``from vit_flax import ViTConfig, FlaxViTModel, FlaxViTForImageClassification, FlaxViTForMaskedImageModeling``.
 Importing it imports jax and flax (and numpy), never torch or tensorflow. The output classes of
-vit_core are registered as JAX pytrees here, so outputs pass through jax.jit / grad / vmap.
+vit_core are registered as JAX pytrees on import (outputs.py), so outputs pass through jax.jit /
+grad / vmap.
 """
 
 from __future__ import annotations
 
 try:
-    import jax
+    import jax  # noqa: F401
     from flax import nnx  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vit_flax needs JAX and Flax, which are not installed: pip install vitx[flax]") from e
 
-import dataclasses
-
 from vit_core import ViTConfig
-from vit_core.outputs import OUTPUT_CLASSES
 
-
-def _register_outputs() -> None:
-    """Every field of the output dataclasses is pytree data (None fields are empty subtrees)."""
-    for cls in OUTPUT_CLASSES:
-        try:
-            jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                             meta_fields=[])
-        except ValueError:  # already registered (a reload of this module)
-            pass
-
-
-_register_outputs()
-
-from .export import export_classifier, load_exported_classifier  # noqa: E402
-from .modeling import (  # noqa: E402
+from .export import export_classifier, load_exported_classifier
+from .modeling import (
     FlaxViTForImageClassification,
     FlaxViTForMaskedImageModeling,
     FlaxViTModel,
@@ -41,7 +26,7 @@ from .modeling import (  # noqa: E402
     ViTLayer,
     ViTPatchEmbeddings,
 )
-from .weights import canonical_state, load_canonical_state  # noqa: E402
+from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",

@@ -5,6 +5,10 @@ table (exact-erf GELU, not jax's tanh default), the two-pass LayerNorm, the atte
 float32, the bicubic position-grid resampling (constant matrices, never jax.image.resize), the
 strided patch convolution, pixel shuffle and dropout. Each is tested against vit_core.
 
+The CPU speed paths live here too, so modeling.py reads as the architecture: bfloat16 dots with
+float32 results, attention with (batch, heads) leading, and sub-batching of large batches. Each
+computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
+
 Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, FORMATS.md section 4):
 ``Linear.kernel`` (in, out), ``Conv2d.kernel`` (kh, kw, in, out), ``LayerNorm.scale``. The one
 rule mapping them to canonical names lives in ``vit_flax.weights``.
@@ -96,9 +100,10 @@ def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
     """The result type to ask of a dot computed in ``dtype``: float32 for bfloat16, else the input's.
 
     A bfloat16 dot is accumulated in float32 and rounded once either way, but XLA's CPU backend
-    widens both operands to float32 for a bfloat16-result dot (about 450 GFLOP/s here, and the
-    widened weights are written out on every call), while a bfloat16 x bfloat16 -> float32 dot
-    runs on the CPU's bf16 instructions (about 850 GFLOP/s). Callers round the result back.
+    widens both operands to float32 for a bfloat16-result dot (and writes the widened weights out
+    on every call), while a bfloat16 x bfloat16 -> float32 dot runs on the CPU's bf16
+    instructions, at about twice the rate (measured in benchmarks/RESULTS.md). Callers round the
+    result back.
     """
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.bfloat16 else None
 
@@ -216,8 +221,8 @@ def fused_attention(query: Array, key: Array, value: Array, scaling: float) -> A
 
     On CPU the formula is written out with (batch, heads) leading, which XLA compiles to batched
     dots of each head's (tokens, head_dim) blocks; jax.nn.dot_product_attention's CPU lowering
-    (einsums over (batch, tokens, heads, head_dim) operands) measured 1.2x (float32) to 5x
-    (bfloat16) slower at ViT-B/16 batch 8 here (benchmarks/flax_speed.py --attention). Elsewhere
+    (einsums over (batch, tokens, heads, head_dim) operands) is slower, most in bfloat16
+    (benchmarks/flax_speed.py --attention; measured in benchmarks/RESULTS.md). Elsewhere
     (GPU, TPU) jax.nn.dot_product_attention picks the backend's fused kernel. Scores and softmax
     in float32 either way; no dropout (training with attention dropout takes the eager path).
     """
@@ -291,3 +296,42 @@ class PixelShuffle(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """(batch, c * r * r, h, w) -> (batch, c, h * r, w * r)."""
         return pixel_shuffle(x, self.upscale_factor)
+
+
+# ----------------------------------------------------------------------------------- CPU speed paths
+# ViTEncoder runs CPU inference batches as sub-batches of at most this many token rows (5 images
+# of ViT-*/16 at 224): XLA's CPU dots lose rate on 6k-row operands (see splits_batch).
+INFERENCE_CHUNK_ROWS = 1024
+
+
+def splits_batch(hidden_states: Array, head_mask: Array | None, output_attentions: bool,
+                 output_hidden_states: bool, dropout_rng: Array | None) -> bool:
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): CPU
+    inference (no dropout) of more than INFERENCE_CHUNK_ROWS token rows, no head mask and no
+    per-layer outputs, at a known batch size (a symbolic one, as in jax.export, runs whole)."""
+    batch_size, tokens = hidden_states.shape[:2]
+    return (
+        isinstance(batch_size, int)
+        and batch_size * tokens > INFERENCE_CHUNK_ROWS
+        and batch_size > 1
+        and head_mask is None
+        and not output_attentions
+        and not output_hidden_states
+        and dropout_rng is None
+        and jax.default_backend() == "cpu"
+    )
+
+
+def run_in_sub_batches(run_layers: Callable[[Array], Array], hidden_states: Array) -> Array:
+    """``run_layers`` (batch, tokens, hidden) -> (batch, tokens, hidden) on sub-batches of about
+    INFERENCE_CHUNK_ROWS token rows, as one ``lax.map`` (compiled once, however many sub-batches)
+    plus one call for the remainder. Each image's computation is unchanged (measured in
+    benchmarks/RESULTS.md)."""
+    batch_size, tokens, hidden = hidden_states.shape
+    images = max(1, INFERENCE_CHUNK_ROWS // tokens)
+    whole = batch_size // images * images
+    chunks = hidden_states[:whole].reshape(whole // images, images, tokens, hidden)
+    outputs = [jax.lax.map(run_layers, chunks).reshape(whole, tokens, hidden)]
+    if whole < batch_size:
+        outputs.append(run_layers(hidden_states[whole:]))
+    return jnp.concatenate(outputs) if len(outputs) > 1 else outputs[0]

@@ -2,7 +2,9 @@
 
 Architecture only. The module tree is transformers 4.x's, so every parameter's attribute path is
 its canonical name in vit_core.weights, with Flax's leaf names (``kernel``, ``scale``; one rule in
-weights.py); framework primitives live in layers.py. vit_torch/modeling.py and vit_tf/modeling.py
+weights.py); framework primitives and CPU speed paths live in layers.py, the output classes (JAX
+pytrees) in outputs.py, the options every framework shares (attention implementation, output
+flags, dtype names) in vit_core.options. vit_torch/modeling.py and vit_tf/modeling.py
 define the same classes in the same order with the same names.
 
 Calling a model runs its ``forward`` compiled: ``jax.jit`` with the model passed as a pytree and
@@ -27,7 +29,7 @@ from flax import nnx
 
 from vit_core import validation
 from vit_core.config import ViTConfig
-from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
 
 from . import weights as weights_io
@@ -42,14 +44,12 @@ from .layers import (
     layer_norm,
     patch_projection,
     resample_position_grid,
+    run_in_sub_batches,
     split_rng,
+    splits_batch,
 )
+from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
-ATTN_IMPLEMENTATIONS = ("fused", "eager")
-# ViTEncoder runs CPU inference batches as sub-batches of at most this many token rows (5 images
-# of ViT-*/16 at 224): XLA's CPU dots lose a third of their rate on 6k-row operands (see
-# ViTEncoder.splits_batch).
-INFERENCE_CHUNK_ROWS = 1024
 Array = jax.Array
 DType = Any  # a jnp dtype, a numpy dtype or its name ("bfloat16")
 
@@ -286,8 +286,9 @@ class ViTEncoder(nnx.Module):
         Returns the last layer's output (before the final layernorm), the hidden states
         (embeddings + every layer) and the attention probabilities of every layer (or None).
         """
-        if self.splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, dropout_rng):
-            return self._run_in_sub_batches(hidden_states, eager), None, None
+        if splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, dropout_rng):
+            # CPU inference on a large batch: the same layers on sub-batches (layers.run_in_sub_batches)
+            return run_in_sub_batches(lambda chunk: self(chunk, None, eager)[0], hidden_states), None, None
         all_hidden_states: list[Array] = [hidden_states]
         all_attentions: list[Array] = []
         layer_rngs = split_rng(dropout_rng, len(self.layer))
@@ -302,37 +303,6 @@ class ViTEncoder(nnx.Module):
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
         )
-
-    @staticmethod
-    def splits_batch(hidden_states: Array, head_mask: Array | None, output_attentions: bool,
-                     output_hidden_states: bool, dropout_rng: Array | None) -> bool:
-        """Whether the layers run on sub-batches: CPU inference (no dropout) of more than
-        INFERENCE_CHUNK_ROWS token rows, no head mask and no per-layer outputs, at a known batch
-        size (a symbolic one, as in jax.export, runs whole)."""
-        batch_size, tokens = hidden_states.shape[:2]
-        return (
-            isinstance(batch_size, int)
-            and batch_size * tokens > INFERENCE_CHUNK_ROWS
-            and batch_size > 1
-            and head_mask is None
-            and not output_attentions
-            and not output_hidden_states
-            and dropout_rng is None
-            and jax.default_backend() == "cpu"
-        )
-
-    def _run_in_sub_batches(self, hidden_states: Array, eager: bool) -> Array:
-        """The layers on sub-batches of about INFERENCE_CHUNK_ROWS token rows, as one ``lax.map``
-        (compiled once, however many sub-batches) plus one call for the remainder. Each image's
-        computation is unchanged; ViT-B/16 batch 32 runs 1.5x faster than on 6304-row dots."""
-        batch_size, tokens, hidden = hidden_states.shape
-        images = max(1, INFERENCE_CHUNK_ROWS // tokens)
-        whole = batch_size // images * images
-        chunks = hidden_states[:whole].reshape(whole // images, images, tokens, hidden)
-        outputs = [jax.lax.map(lambda chunk: self(chunk, None, eager)[0], chunks).reshape(whole, tokens, hidden)]
-        if whole < batch_size:
-            outputs.append(self(hidden_states[whole:], None, eager)[0])
-        return jnp.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class ViTPooler(nnx.Module):
@@ -366,7 +336,7 @@ class FlaxViTPreTrainedModel(nnx.Module):
             raise TypeError(f"{type(self).__name__} needs a vit_core ViTConfig, got {type(config).__name__}")
         config.validate()
         self.config_holder = StaticConfig(config)
-        self.attn_implementation = check_attn_implementation(attn_implementation)
+        self._attn_implementation = resolve_attn_implementation(attn_implementation)
         self.dtype = resolve_dtype(dtype)
         self.param_dtype = resolve_dtype(param_dtype)
 
@@ -396,12 +366,20 @@ class FlaxViTPreTrainedModel(nnx.Module):
     def num_parameters(self) -> int:
         return sum(int(x.size) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
 
-    def set_attn_implementation(self, attn_implementation: str) -> None:
-        """Switch between the "fused" (default) and "eager" attention paths; recompiles on the next call."""
-        implementation = check_attn_implementation(attn_implementation)
+    @property
+    def attn_implementation(self) -> str:
+        """"sdpa" (the fused path) or "eager"; output_attentions or a head mask take the eager path anyway.
+
+        Settable (same as :meth:`set_attn_implementation`)."""
+        return self._attn_implementation
+
+    def set_attn_implementation(self, attn_implementation: str | None) -> None:
+        """Switch the attention path: "sdpa" or "fused" (the same fused path, the default) or
+        "eager"; recompiles on the next call. ValueError listing the choices for another name."""
+        implementation = resolve_attn_implementation(attn_implementation)
         for _, module in nnx.iter_modules(self):
             if isinstance(module, FlaxViTPreTrainedModel):
-                module.attn_implementation = implementation
+                module._attn_implementation = implementation
 
     # -------------------------------------------------------------------------- transformers Flax params
     @property
@@ -421,6 +399,9 @@ class FlaxViTPreTrainedModel(nnx.Module):
         # __setattr__ checks attribute values before a property setter could run.
         if name == "params":
             nnx.update(self, nnx.state(self.with_params(value)))
+            return
+        if name == "attn_implementation":  # a read property with a setter, as in vit_torch / vit_tf
+            self.set_attn_implementation(value)
             return
         super().__setattr__(name, value)
 
@@ -457,7 +438,7 @@ class FlaxViTPreTrainedModel(nnx.Module):
         output = _jit_forward(model, inputs, dropout_rng,
                               options=tuple(sorted(options.items())) + (("train", bool(train)),),
                               config_key=trace_key(self.config))
-        return output if _flag(return_dict, self.config, "return_dict", True) else output.to_tuple()
+        return output if flag(return_dict, self.config, "return_dict", True) else output.to_tuple()
 
     # -------------------------------------------------------------------------- checkpoints
     @classmethod
@@ -520,7 +501,7 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
     """The bare ViT: embeddings, encoder, final layernorm and an optional pooler.
 
     ``FlaxViTModel(config, add_pooling_layer=True, use_mask_token=False, *, rngs=None, seed=0,
-    dtype=jnp.float32, param_dtype=jnp.float32, attn_implementation="fused")``. Random init
+    dtype=jnp.float32, param_dtype=jnp.float32, attn_implementation="sdpa")``. Random init
     follows the canonical table, from ``rngs.params()`` or ``nnx.Rngs(params=seed)``.
     """
 
@@ -606,8 +587,8 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         model with those parameter values instead of its own, e.g. under jax.grad."""
         return self._compiled_call(
             {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "head_mask": head_mask},
-            {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
-             "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
+            {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
+             "output_hidden_states": flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
             return_dict, train, dropout_rng, rngs, params,
         )
@@ -633,9 +614,9 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         pooler_output (batch, pooler size) or None, hidden_states (layers + 1 arrays, before the
         final layernorm) and attentions (layers arrays (batch, heads, tokens, tokens)).
         """
-        output_attentions = _flag(output_attentions, self.config, "output_attentions", False)
-        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states", False)
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        output_attentions = flag(output_attentions, self.config, "output_attentions", False)
+        output_hidden_states = flag(output_hidden_states, self.config, "output_hidden_states", False)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         interpolate_pos_encoding = bool(interpolate_pos_encoding)
         dropout_rng = _check_dropout_rng(train, dropout_rng)
         gh, gw = validation.check_pixel_values(_static_shape(pixel_values), _is_floating(pixel_values), self.config,
@@ -721,8 +702,8 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
         """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
         return self._compiled_call(
             {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "head_mask": head_mask},
-            {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
-             "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
+            {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
+             "output_hidden_states": flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
             return_dict, train, dropout_rng, rngs, params,
         )
@@ -742,7 +723,7 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
     ) -> MaskedImageModelingOutput | tuple[Array, ...]:
         """pixel_values (batch, channels, height, width) -> reconstruction (batch, channels, gh * stride,
         gw * stride) and, with bool_masked_pos (batch, patches), the masked L1 loss. Traceable."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
         outputs = self.vit.forward(pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
@@ -817,11 +798,16 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         rngs: nnx.Rngs | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> ImageClassifierOutput | tuple[Array, ...]:
-        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
+        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__).
+
+        Concrete labels are checked here, before they become int32 device arrays: a single-label
+        class index outside [0, num_labels) other than -100 is a ValueError naming it."""
+        if labels is not None and not isinstance(labels, jax.core.Tracer):
+            check_labels(np.asarray(labels), self.config)
         return self._compiled_call(
             {"pixel_values": pixel_values, "head_mask": head_mask, "labels": labels},
-            {"output_attentions": _flag(output_attentions, self.config, "output_attentions", False),
-             "output_hidden_states": _flag(output_hidden_states, self.config, "output_hidden_states", False),
+            {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
+             "output_hidden_states": flag(output_hidden_states, self.config, "output_hidden_states", False),
              "interpolate_pos_encoding": bool(interpolate_pos_encoding)},
             return_dict, train, dropout_rng, rngs, params,
         )
@@ -842,7 +828,7 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         """pixel_values (batch, channels, height, width) -> logits (batch, num_labels); loss with labels:
         (batch,) class indices, (batch, num_labels) floats for multi-label, (batch,) floats for regression.
         Traceable."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         outputs = self.vit.forward(pixel_values, None, head_mask, output_attentions, output_hidden_states,
                                    interpolate_pos_encoding, return_dict=True, train=train, dropout_rng=dropout_rng)
         cls_output = outputs.last_hidden_state[:, 0]  # (batch, hidden)
@@ -854,7 +840,15 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
 
 
 def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Array:
-    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset), in float32."""
+    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset), in float32.
+
+    Cross-entropy skips labels equal to -100 (torch's ignore_index), averaging over the others, as
+    transformers' PyTorch loss does (NaN when every label is skipped or the batch is empty, as
+    torch gives). Any other label outside [0, num_labels) is a ValueError naming it when the labels
+    are concrete (``model(...)`` checks them before compiling; ``forward`` under
+    jax.disable_jit); under jax.jit, where they are not, such a label makes the loss NaN (never a
+    finite wrong loss: no clamping, no wrap-around of -1).
+    """
     is_integer = bool(jnp.issubdtype(labels.dtype, jnp.integer))
     problem = validation.problem_type(config, is_integer)
     num_labels = config.num_labels
@@ -865,12 +859,27 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
             return jnp.mean((logits.squeeze() - labels.squeeze()) ** 2)
         return jnp.mean((logits - labels) ** 2)
     if problem == "single_label_classification":
+        flat_labels = labels.reshape(-1)
+        if not isinstance(flat_labels, jax.core.Tracer):
+            validation.check_class_labels(np.asarray(flat_labels), num_labels)
+        ignored = flat_labels == validation.IGNORE_INDEX
+        out_of_range = ~ignored & ((flat_labels < 0) | (flat_labels >= num_labels))
+        safe_labels = jnp.where(ignored | out_of_range, 0, flat_labels).astype(jnp.int32)
         log_probs = jax.nn.log_softmax(logits.reshape(-1, num_labels), axis=-1)
-        picked = jnp.take_along_axis(log_probs, labels.reshape(-1, 1).astype(jnp.int32), axis=-1)
-        return -jnp.mean(picked)
+        picked = jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]  # (batch,)
+        kept = (~ignored).astype(jnp.float32)
+        loss = -jnp.sum(picked * kept) / jnp.sum(kept)
+        return jnp.where(jnp.any(out_of_range), jnp.nan, loss)
     # multi-label: binary cross-entropy with logits, mean over every element (log1p form, stable)
     labels = labels.astype(jnp.float32)
     return jnp.mean(jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def check_labels(labels: np.ndarray, config: ViTConfig) -> None:
+    """vit_core.validation.check_class_labels when ``labels`` are single-label class indices."""
+    is_integer = bool(np.issubdtype(labels.dtype, np.integer))
+    if validation.problem_type(config, is_integer) == "single_label_classification":
+        validation.check_class_labels(labels, config.num_labels)
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -878,9 +887,10 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
 def _jit_forward(model: FlaxViTPreTrainedModel, inputs: dict[str, Array | None], dropout_rng: Array | None,
                  options: tuple[tuple[str, bool], ...], config_key: str) -> Any:
     """The compiled entry of every model class: ``model.forward``, with the model passed as a pytree
-    (nnx modules are pytrees; flattening one is ~40x cheaper than nnx.split). jax.jit caches one
-    executable per (model structure, options, config, input shapes and dtypes); changing
-    ``model.config`` (say its ``problem_type``) retraces rather than reusing a stale compilation."""
+    (nnx modules are pytrees: flattening one is far cheaper than nnx.split, measured in
+    benchmarks/RESULTS.md). jax.jit caches one executable per (model structure, options, config,
+    input shapes and dtypes); changing ``model.config`` (say its ``problem_type``) retraces rather
+    than reusing a stale compilation."""
     del config_key  # only a cache key
     return model.forward(**inputs, **dict(options), return_dict=True, dropout_rng=dropout_rng)
 
@@ -914,36 +924,18 @@ def trace_key(config: ViTConfig) -> str:
     return json.dumps(fields, sort_keys=True, default=str)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def resolve_dtype(dtype: DType) -> jnp.dtype:
-    """float32, bfloat16 or float16 (a jnp / numpy dtype or its name) as a numpy dtype."""
+    """float32, bfloat16 or float16 (a jnp / numpy dtype, or a name read by
+    vit_core.options.dtype_name: "bfloat16", "bf16", "jnp.float16") as a numpy dtype."""
+    if isinstance(dtype, str):
+        return jnp.dtype(dtype_name(dtype))
     try:
-        resolved = jnp.dtype(_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+        resolved = jnp.dtype(dtype)
     except TypeError:
         resolved = None
     if resolved not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"unsupported dtype {dtype!r}; use jnp.float32, jnp.bfloat16 or jnp.float16")
     return resolved
-
-
-def check_attn_implementation(attn_implementation: str | None) -> str:
-    """"fused" (jax.nn.dot_product_attention, the default) or "eager"; transformers' "sdpa" means "fused"."""
-    if attn_implementation is None or attn_implementation == "sdpa":
-        return "fused"
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
-                         f"choose one of {ATTN_IMPLEMENTATIONS}")
-    return attn_implementation
-
-
-def _flag(value: bool | None, config: ViTConfig, name: str, default: bool) -> bool:
-    """An output flag: the call's value, else the config's (transformers' config fields such as
-    ``output_attentions`` are kept in ``config.extra``), else the default."""
-    if value is not None:
-        return bool(value)
-    return bool(config.extra.get(name, default))
 
 
 def _check_dropout_rng(train: bool, dropout_rng: Array | None) -> Array | None:

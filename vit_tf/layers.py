@@ -3,7 +3,9 @@
 Everything that differs between frameworks in how a ViT computes lives here, in one small place:
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
 of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_tf.py
-checks each against vit_core.
+checks each against vit_core. The inference speed path (sub-batching of large float32 batches)
+lives here too, so modeling.py reads as the architecture; why it exists is measured in
+benchmarks/RESULTS.md.
 
 Leaf layers (``Dense``, ``LayerNorm``, ``Conv2d``) create their weights in ``__init__`` (shapes are
 known from the config), named ``weight`` / ``bias`` like the canonical names; the layouts are
@@ -134,6 +136,11 @@ class Conv2d(keras.Layer):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         """(batch, height, width, in) -> (batch, height // kh, width // kw, out)."""
+        if x.shape[0] == 0:
+            # TensorFlow's CPU convolution returns its empty input unchanged, shape and all: the
+            # empty result of the right shape instead, as torch gives (batch 0 runs everywhere)
+            (kh, kw), out_channels = self.kernel_hw, self.weight.shape[-1]
+            return tf.zeros((0, x.shape[1] // kh, x.shape[2] // kw, out_channels), self.compute_dtype)
         y = tf.nn.conv2d(x, self.weight, strides=(1, *self.kernel_hw, 1), padding="VALID")
         return tf.nn.bias_add(y, self.bias)
 
@@ -182,7 +189,7 @@ def fused_attention(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, scaling:
 
     TensorFlow has no fused attention kernel on CPU; keras.ops.dot_product_attention lowers to two
     einsums with (batch, tokens, heads, head_dim) operands, which measured slower here than the
-    batched matmuls below (benchmarks/tf_speed.py --attention). Same shapes as
+    batched matmuls below (benchmarks/tf_speed.py --attention; measured in benchmarks/RESULTS.md). Same shapes as
     :func:`eager_attention`, no probabilities (nothing kept for the caller, no head mask or
     dropout); softmax in float32.
     """
@@ -237,3 +244,39 @@ class PixelShuffle(keras.Layer):
         x = tf.reshape(x, (batch_size, gh, gw, channels, r, r))
         x = tf.transpose(x, (0, 3, 1, 4, 2, 5))  # (batch, channels, gh, r, gw, r)
         return tf.reshape(x, (batch_size, channels, gh * r, gw * r))
+
+
+# ------------------------------------------------------------------------------ speed paths
+# ViTEncoder runs inference batches as sub-batches of at most this many token rows (5 images of
+# ViT-*/16 at 224): see splits_batch.
+INFERENCE_CHUNK_ROWS = 1024
+
+
+def splits_batch(hidden_states: tf.Tensor, head_mask: tf.Tensor | None, output_attentions: bool,
+                 output_hidden_states: bool, training: bool) -> bool:
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): float32
+    inference of more than INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced
+    ``None`` batch runs whole), no head mask and no per-layer outputs. bfloat16 runs whole:
+    TensorFlow's bf16 matmul gains rate with rows, so the whole batch is the faster one there
+    (measured in benchmarks/RESULTS.md)."""
+    batch_size, tokens = hidden_states.shape[:2]
+    return (
+        hidden_states.dtype == tf.float32
+        and batch_size is not None
+        and batch_size > 1
+        and batch_size * tokens > INFERENCE_CHUNK_ROWS
+        and head_mask is None
+        and not output_attentions
+        and not output_hidden_states
+        and not training
+    )
+
+
+def run_in_sub_batches(run_layers: Callable[[tf.Tensor], tf.Tensor], hidden_states: tf.Tensor) -> tf.Tensor:
+    """``run_layers`` (batch, tokens, hidden) -> (batch, tokens, hidden) on sub-batches of at most
+    INFERENCE_CHUNK_ROWS token rows, concatenated. Each image's computation is unchanged; the
+    GEMMs' operands stay in cache."""
+    batch_size, tokens = hidden_states.shape[:2]
+    images = max(1, INFERENCE_CHUNK_ROWS // tokens)
+    sizes = [images] * (batch_size // images) + ([batch_size % images] if batch_size % images else [])
+    return tf.concat([run_layers(chunk) for chunk in tf.split(hidden_states, sizes)], axis=0)

@@ -3,8 +3,9 @@
 Architecture only. The layer tree is transformers 4.x's, and every Keras layer's name equals its
 attribute name (list items are named ``layer.{i}`` / ``decoder.{i}``), so every weight's attribute
 path is its canonical name in vit_core.weights and its Keras variable path is that name with "/"
-after the model's own name. Framework primitives live in layers.py, weight loading and saving in
-weights.py. vit_torch/modeling.py and vit_flax/modeling.py define the same classes in the same
+after the model's own name. Framework primitives and CPU speed paths live in layers.py, weight
+loading and saving in weights.py, the output classes in outputs.py, the options every framework
+shares (attention implementation, output flags, dtype names) in vit_core.options. vit_torch/modeling.py and vit_flax/modeling.py define the same classes in the same
 order with the same names.
 
 Inputs are NCHW like every framework here; the patch convolution transposes to NHWC inside.
@@ -24,6 +25,7 @@ import tensorflow as tf
 
 from vit_core import validation
 from vit_core.config import ViTConfig
+from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
 
 from . import weights as weights_io
@@ -37,13 +39,10 @@ from .layers import (
     layer_norm,
     patch_projection,
     resample_position_grid,
+    run_in_sub_batches,
+    splits_batch,
 )
 from .outputs import TFBaseModelOutputWithPooling, TFImageClassifierOutput, TFMaskedImageModelingOutput
-
-ATTN_IMPLEMENTATIONS = ("fused", "eager")
-# ViTEncoder runs inference batches as sub-batches of at most this many token rows (5 images of
-# ViT-*/16 at 224): see ViTEncoder.splits_batch.
-INFERENCE_CHUNK_ROWS = 1024
 
 
 class ViTPatchEmbeddings(keras.Layer):
@@ -140,8 +139,8 @@ class ViTSelfAttention(keras.Layer):
     query/key/value columns are head-major: column h * head_dim + j belongs to head h. The fused
     path returns no probabilities; the eager path (``eager``, a head mask, or attention dropout in
     training) returns them. Query, key and value are three matmuls: one matmul on their
-    concatenated kernels measured slower at batch 1 (the concatenation copies 7 MB per ViT-B layer
-    on every call) and no faster at batch 8.
+    concatenated kernels is slower at batch 1 (the concatenation copies 7 MB per ViT-B layer on
+    every call) and no faster at batch 8 (measured in benchmarks/RESULTS.md).
     """
 
     def __init__(self, hidden_size: int, num_attention_heads: int, qkv_bias: bool, dropout_prob: float, *,
@@ -311,14 +310,9 @@ class ViTEncoder(keras.Layer):
         Returns the last layer's output (before the final layernorm), the hidden states
         (embeddings + every layer) and the attention probabilities of every layer (or None).
         """
-        if self.splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, training):
-            # Inference on a large batch: the layers on sub-batches of at most INFERENCE_CHUNK_ROWS
-            # token rows. Each image's computation is unchanged; the GEMMs' operands stay in cache.
-            batch_size, tokens = hidden_states.shape[:2]
-            images = max(1, INFERENCE_CHUNK_ROWS // tokens)
-            sizes = [images] * (batch_size // images) + ([batch_size % images] if batch_size % images else [])
-            chunks = [self.call(chunk, None, eager)[0] for chunk in tf.split(hidden_states, sizes)]
-            return tf.concat(chunks, axis=0), None, None
+        if splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, training):
+            # inference on a large batch: the same layers on sub-batches (layers.run_in_sub_batches)
+            return run_in_sub_batches(lambda chunk: self.call(chunk, None, eager)[0], hidden_states), None, None
         all_hidden_states: list[tf.Tensor] = [hidden_states]
         all_attentions: list[tf.Tensor] = []
         for i, layer_module in enumerate(self.layer):
@@ -331,27 +325,6 @@ class ViTEncoder(keras.Layer):
             hidden_states,
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
-        )
-
-    @staticmethod
-    def splits_batch(hidden_states: tf.Tensor, head_mask: tf.Tensor | None, output_attentions: bool,
-                     output_hidden_states: bool, training: bool) -> bool:
-        """Whether call runs the batch in sub-batches: float32 inference of more than
-        INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced ``None`` batch runs
-        whole), no head mask and no per-layer outputs. bfloat16 runs whole: TensorFlow's bf16
-        matmul gains rate with rows (ViT-B/16 MLP GEMM: 700 GFLOP/s at 197 rows, 788 at 6304,
-        benchmarks/RESULTS.md), and at batch 32 the whole batch measured 4% (ViT-B/16: 16.67 vs
-        16.01 img/s) and 15% (ViT-S/16: 48.49 vs 42.24) faster than 1024-row sub-batches."""
-        batch_size, tokens = hidden_states.shape[:2]
-        return (
-            hidden_states.dtype == tf.float32
-            and batch_size is not None
-            and batch_size > 1
-            and batch_size * tokens > INFERENCE_CHUNK_ROWS
-            and head_mask is None
-            and not output_attentions
-            and not output_hidden_states
-            and not training
         )
 
 
@@ -389,7 +362,7 @@ class TFViTPreTrainedModel(keras.Model):
             raise TypeError(f"{type(self).__name__} needs a vit_core ViTConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        self._attn_implementation = resolve_attn_implementation(attn_implementation)
+        self._attn_implementation = resolve_attn_implementation(attn_implementation)  # the backbone's is read
         # Keras converts array arguments to tensors (floats to the compute dtype) before call();
         # it also refuses non-tensor positional arguments unless told otherwise: allow them, so
         # transformers-style positional calls (``model(x, None, head_mask, True)``) work.
@@ -420,12 +393,22 @@ class TFViTPreTrainedModel(keras.Model):
 
     @property
     def attn_implementation(self) -> str:
-        """"fused" or "eager" (settable); output_attentions or a head mask take the eager path anyway."""
+        """"sdpa" (the fused path) or "eager"; output_attentions or a head mask take the eager path anyway.
+
+        Settable (same as :meth:`set_attn_implementation`; "fused" is read as "sdpa")."""
         return self._backbone()._attn_implementation
 
     @attn_implementation.setter
     def attn_implementation(self, value: str | None) -> None:
-        self._backbone()._attn_implementation = resolve_attn_implementation(value)
+        self.set_attn_implementation(value)
+
+    def set_attn_implementation(self, attn_implementation: str | None) -> None:
+        """Switch the attention path: "sdpa" or "fused" (the same fused path, the default) or
+        "eager"; takes effect on the next call (a tf.function traced before retraces only if its
+        inputs change: call it again after switching). ValueError listing the choices otherwise."""
+        implementation = resolve_attn_implementation(attn_implementation)
+        self._attn_implementation = implementation
+        self._backbone()._attn_implementation = implementation
 
     def get_input_embeddings(self) -> ViTPatchEmbeddings:
         return self._backbone().embeddings.patch_embeddings
@@ -513,7 +496,7 @@ class TFViTPreTrainedModel(keras.Model):
 class TFViTModel(TFViTPreTrainedModel):
     """The bare ViT: embeddings, encoder, final layernorm and an optional pooler.
 
-    ``TFViTModel(config, add_pooling_layer=True, use_mask_token=False, attn_implementation="fused",
+    ``TFViTModel(config, add_pooling_layer=True, use_mask_token=False, attn_implementation="sdpa",
     dtype="float32", seed=None)``. Random init follows the canonical table (seed with ``seed=`` or
     keras.utils.set_random_seed).
     """
@@ -594,9 +577,9 @@ class TFViTModel(TFViTPreTrainedModel):
         (batch, tokens, hidden), pooler_output (batch, pooler size) or None, hidden_states (layers + 1
         tensors, before the final layernorm) and attentions (layers tensors (batch, heads, tokens, tokens)).
         """
-        output_attentions = _flag(output_attentions, self.config, "output_attentions", False)
-        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states", False)
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        output_attentions = flag(output_attentions, self.config, "output_attentions", False)
+        output_hidden_states = flag(output_hidden_states, self.config, "output_hidden_states", False)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         interpolate_pos_encoding = bool(interpolate_pos_encoding)
         pixel_values, gh, gw = self._prepare_pixel_values(pixel_values, interpolate_pos_encoding)
         if bool_masked_pos is not None:
@@ -674,7 +657,7 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
     ) -> TFMaskedImageModelingOutput | tuple[tf.Tensor, ...]:
         """pixel_values (batch, channels, height, width) -> reconstruction (batch, channels, gh * stride,
         gw * stride) and, with bool_masked_pos (batch, patches), the masked L1 loss (float32)."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
         outputs = self.vit(pixel_values, bool_masked_pos, head_mask, output_attentions=output_attentions,
@@ -755,7 +738,7 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         """pixel_values (batch, channels, height, width) -> logits (batch, num_labels); loss (float32) with
         labels: (batch,) class indices, (batch, num_labels) floats for multi-label, (batch,) floats
         for regression."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         outputs = self.vit(pixel_values, None, head_mask, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states,
                            interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, training=training)
@@ -770,7 +753,10 @@ def classification_loss(logits: tf.Tensor, labels: Any, config: ViTConfig) -> tf
     """transformers' image-classification loss for ``config.problem_type`` (inferred when unset).
 
     Computed in float32. Cross-entropy skips labels equal to -100 (torch's ignore_index), averaging
-    over the others, as transformers' PyTorch loss does.
+    over the others, as transformers' PyTorch loss does (NaN when every label is skipped or the
+    batch is empty, as torch gives). Any other label outside [0, num_labels) is a ValueError naming
+    it when the labels are concrete (eager mode); inside tf.function, where they are not, such a
+    label makes the loss NaN (never a finite wrong loss).
     """
     labels = tf.convert_to_tensor(labels)
     problem = validation.problem_type(config, labels.dtype.is_integer)
@@ -784,55 +770,37 @@ def classification_loss(logits: tf.Tensor, labels: Any, config: ViTConfig) -> tf
     if problem == "single_label_classification":
         flat_logits = tf.reshape(logits, (-1, num_labels))
         flat_labels = tf.reshape(tf.cast(labels, tf.int64), (-1,))
-        valid = tf.not_equal(flat_labels, -100)
+        if tf.executing_eagerly():
+            validation.check_class_labels(flat_labels.numpy(), num_labels)
+        valid = tf.not_equal(flat_labels, validation.IGNORE_INDEX)
+        out_of_range = valid & ((flat_labels < 0) | (flat_labels >= num_labels))
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.where(valid, flat_labels, tf.zeros_like(flat_labels)), logits=flat_logits)
+            labels=tf.where(valid & ~out_of_range, flat_labels, tf.zeros_like(flat_labels)), logits=flat_logits)
         valid = tf.cast(valid, tf.float32)
-        return tf.reduce_sum(losses * valid) / tf.reduce_sum(valid)
+        loss = tf.reduce_sum(losses * valid) / tf.reduce_sum(valid)
+        return tf.where(tf.reduce_any(out_of_range), tf.constant(float("nan"), tf.float32), loss)
     return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits))
 
 
 # ------------------------------------------------------------------------------ small helpers
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-           "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
-
-
 def resolve_dtype(dtype: str | tf.DType | np.dtype | None) -> str:
-    """float32 (default), bfloat16 or float16, from a string ("bfloat16", "tf.float16"), a tf.DType
-    or a numpy dtype. Weights are stored and computed in it; LayerNorm and softmax run in float32."""
+    """float32 (default), bfloat16 or float16, from a name (vit_core.options.dtype_name: "bfloat16",
+    "bf16", "tf.float16"), a tf.DType or a numpy dtype. Weights are stored and computed in it;
+    LayerNorm and softmax run in float32."""
     if dtype is None:
         return "float32"
+    if isinstance(dtype, str):
+        return dtype_name(dtype)
     if isinstance(dtype, tf.DType):
         name = dtype.name
-    elif isinstance(dtype, str):
-        name = dtype.removeprefix("tf.").removeprefix("keras.")
     else:
         try:
             name = np.dtype(dtype).name
         except TypeError:
             name = str(dtype)
-    if name not in _DTYPES:
+    if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
-    return _DTYPES[name]
-
-
-def resolve_attn_implementation(attn_implementation: str | None) -> str:
-    """"fused" (default) or "eager". transformers' PyTorch name "sdpa" means the fused path here."""
-    if attn_implementation is None or attn_implementation == "sdpa":
-        return "fused"
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
-                         f"choose one of {ATTN_IMPLEMENTATIONS}")
-    return attn_implementation
-
-
-def _flag(value: bool | None, config: ViTConfig, name: str, default: bool) -> bool:
-    """An output flag: the call's value, else the config's (transformers' config fields such as
-    ``output_attentions`` are kept in ``config.extra``), else the default."""
-    if value is not None:
-        return bool(value)
-    return bool(config.extra.get(name, default))
+    return name
 
 
 def _static_shape(tensor: tf.Tensor, what: str, dynamic_ok: tuple[int, ...] = ()) -> tuple[int, ...]:

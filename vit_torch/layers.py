@@ -1,8 +1,13 @@
-"""The PyTorch primitives whose numerics must match vit_core's numpy references.
+"""The PyTorch primitives whose numerics must match vit_core's numpy references, and the CPU speed paths.
 
 Everything that differs between frameworks in how a ViT computes lives here, in one small place:
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
 of the position grid and the patch embedding. tests/test_torch.py checks each against vit_core.
+
+The CPU inference speed paths live here too, so modeling.py reads as the architecture: the
+prepacked oneDNN Linear (with the GELU and the residual add fused into its GEMM), the patch
+convolution as one matmul, bfloat16 attention image by image, and sub-batching of large batches.
+Each computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -93,8 +98,8 @@ class Linear(nn.Linear):
     float32 or bfloat16, and outside torch.compile (whose inductor freezing packs weights itself),
     the weight is reordered once into oneDNN's blocked layout
     (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied by
-    ``torch.ops.mkldnn._linear_pointwise``: about 2x the float32 throughput of the MKL sgemm that
-    ``F.linear`` runs on AVX-512 CPUs, +5-10% in bfloat16. Still a float32 GEMM (another blocking
+    ``torch.ops.mkldnn._linear_pointwise``, which outruns the MKL sgemm that ``F.linear`` runs on
+    AVX-512 CPUs (measured in benchmarks/RESULTS.md). Still a float32 GEMM (another blocking
     of the same sums: differences ~1e-7 relative, well inside NUMERICS.md's bounds). The packed
     copy is a plain attribute (never in the state dict), rebuilt whenever the weight's storage,
     version counter (in-place edits, load_state_dict) or dtype changes. Training and autograd use
@@ -185,9 +190,9 @@ def fused_attention(
 
     bfloat16 CPU inference (autograd off, no dropout, outside torch.compile) runs
     :func:`eager_attention`'s formula one image at a time instead: oneDNN's bf16 batched matmuls
-    with a float32 softmax whose (heads, tokens, tokens) buffer stays in cache measured 2.3x
-    faster than torch's CPU flash kernel in bfloat16 (ViT-B/16 batch 8: 3.2 vs 7.0 ms per layer;
-    python -m benchmarks.torch_speed --attention), the same numerics as the eager path.
+    with a float32 softmax whose (heads, tokens, tokens) buffer stays in cache, faster than
+    torch's CPU flash kernel in bfloat16 (``python -m benchmarks.torch_speed --attention``;
+    measured in benchmarks/RESULTS.md), the same numerics as the eager path.
     """
     if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and dropout_p == 0.0
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
@@ -254,8 +259,8 @@ class PatchProjection(nn.Conv2d):
 
     Patches do not overlap, so the convolution is a GEMM of the (batch * patches, C * ph * pw)
     patch rows by the (hidden, C * ph * pw) reshaped weight: on the prepacked oneDNN path (see
-    :class:`Linear`; weight reordered once, cached against weight changes) that is ~4x faster
-    than mkldnn_convolution here. Same sums, same layout out: (batch, hidden, gh, gw), a view of
+    :class:`Linear`; weight reordered once, cached against weight changes) that is faster than
+    mkldnn_convolution (measured in benchmarks/RESULTS.md). Same sums, same layout out: (batch, hidden, gh, gw), a view of
     the (batch, gh, gw, hidden) result, which ViTPatchEmbeddings flattens without a copy.
     """
 
@@ -290,3 +295,54 @@ def patch_projection(num_channels: int, hidden_size: int, patch_hw: tuple[int, i
     """The patch embedding: a convolution with kernel = stride = patch size. Its weight
     (hidden, channels, ph, pw) is the canonical layout; pixels past the last whole patch are dropped."""
     return PatchProjection(num_channels, hidden_size, kernel_size=patch_hw, stride=patch_hw)
+
+
+# ------------------------------------------------------------------------------ CPU speed paths
+# ViTEncoder splits CPU inference batches into sub-batches of about this many token rows (8 images
+# of ViT-*/16 at 224): GEMMs of ~2k rows keep their operands in cache (see splits_batch).
+INFERENCE_CHUNK_ROWS = 2048
+
+
+def dense_activation(dense: Linear, hidden_states: torch.Tensor, hidden_act: str,
+                     activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``activation(dense(hidden_states))``; in inference on oneDNN the activation runs inside the
+    GEMM as a post-op (same formula, see :meth:`Linear.fuses`)."""
+    if dense.fuses(hidden_states, hidden_act):
+        return dense(hidden_states, post_op=hidden_act)
+    return activation(dense(hidden_states))
+
+
+def dense_dropout_residual(dense: Linear, dropout: nn.Dropout, hidden_states: torch.Tensor,
+                           residual: torch.Tensor) -> torch.Tensor:
+    """``dropout(dense(hidden_states)) + residual``; in inference on oneDNN dropout is the identity
+    and the residual add runs inside the GEMM (a binary post-op)."""
+    if dense.onednn_ready(hidden_states):
+        return dense(hidden_states, residual=residual)
+    return dropout(dense(hidden_states)) + residual
+
+
+def splits_batch(hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool,
+                 output_hidden_states: bool, training: bool) -> bool:
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): CPU
+    inference (eval, autograd off, not under torch.compile) of more than INFERENCE_CHUNK_ROWS
+    token rows, no head mask and no per-layer outputs."""
+    batch_size, tokens = hidden_states.shape[:2]
+    return (
+        batch_size * tokens > INFERENCE_CHUNK_ROWS
+        and batch_size > 1
+        and not training
+        and not torch.is_grad_enabled()
+        and hidden_states.device.type == "cpu"
+        and head_mask is None
+        and not output_attentions
+        and not output_hidden_states
+        and not torch.compiler.is_compiling()
+    )
+
+
+def run_in_sub_batches(run_layers: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
+    """``run_layers`` (batch, tokens, hidden) -> (batch, tokens, hidden) on sub-batches of about
+    INFERENCE_CHUNK_ROWS token rows, concatenated. Each image's computation is unchanged; the
+    GEMMs' operands stay in cache (measured in benchmarks/RESULTS.md)."""
+    images = max(1, INFERENCE_CHUNK_ROWS // hidden_states.shape[1])
+    return torch.cat([run_layers(chunk) for chunk in hidden_states.split(images)])

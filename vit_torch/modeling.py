@@ -1,8 +1,10 @@
 """The ViT family in PyTorch: ViTModel, ViTForImageClassification, ViTForMaskedImageModeling.
 
 Architecture only. The module tree is transformers 4.x's, so every parameter's attribute path
-(``model.state_dict()`` key) is its canonical name in vit_core.weights; framework primitives live
-in layers.py, weight loading and saving in weights.py. vit_tf/modeling.py and
+(``model.state_dict()`` key) is its canonical name in vit_core.weights; framework primitives and
+CPU speed paths live in layers.py, weight loading and saving in weights.py, the output classes in
+outputs.py, the options every framework shares (attention implementation, output flags, dtype
+names) in vit_core.options. vit_tf/modeling.py and
 vit_flax/modeling.py define the same classes in the same order with the same names.
 """
 
@@ -18,24 +20,24 @@ from torch.utils.checkpoint import checkpoint
 
 from vit_core import validation
 from vit_core.config import ViTConfig
-from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
 
 from . import weights as weights_io
 from .layers import (
     Linear,
+    dense_activation,
+    dense_dropout_residual,
     eager_attention,
     fused_attention,
     get_activation,
     layer_norm,
     patch_projection,
     resample_position_grid,
+    run_in_sub_batches,
+    splits_batch,
 )
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-# ViTEncoder splits CPU inference batches into sub-batches of about this many token rows (8 images
-# of ViT-*/16 at 224): GEMMs of ~2k rows keep their operands in cache (see ViTEncoder.splits_batch).
-INFERENCE_CHUNK_ROWS = 2048
+from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -188,10 +190,7 @@ class ViTIntermediate(nn.Module):
         self.activation = get_activation(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.dense.fuses(hidden_states, self.hidden_act):
-            # inference on oneDNN: the GELU runs inside the GEMM as a post-op (same formula)
-            return self.dense(hidden_states, post_op=self.hidden_act)
-        return self.activation(self.dense(hidden_states))
+        return dense_activation(self.dense, hidden_states, self.hidden_act, self.activation)
 
 
 class ViTOutput(nn.Module):
@@ -203,10 +202,7 @@ class ViTOutput(nn.Module):
         self.dropout = nn.Dropout(dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        if self.dense.onednn_ready(hidden_states):
-            # inference on oneDNN: dropout is the identity and the residual add runs inside the GEMM
-            return self.dense(hidden_states, residual=input_tensor)
-        return self.dropout(self.dense(hidden_states)) + input_tensor
+        return dense_dropout_residual(self.dense, self.dropout, hidden_states, input_tensor)
 
 
 class ViTLayer(nn.Module):
@@ -260,13 +256,9 @@ class ViTEncoder(nn.Module):
         Returns the last layer's output (before the final layernorm), the hidden states
         (embeddings + every layer) and the attention probabilities of every layer (or None).
         """
-        if self.splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states):
-            # CPU inference on a large batch: run the layers on sub-batches of about
-            # INFERENCE_CHUNK_ROWS token rows. Each image's computation is unchanged; the GEMMs'
-            # operands stay in cache (ViT-B/16 batch 32: ~8% faster than 6304-row GEMMs).
-            images = max(1, INFERENCE_CHUNK_ROWS // hidden_states.shape[1])
-            chunks = [self(chunk, None, eager)[0] for chunk in hidden_states.split(images)]
-            return torch.cat(chunks), None, None
+        if splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, self.training):
+            # CPU inference on a large batch: the same layers on sub-batches (layers.run_in_sub_batches)
+            return run_in_sub_batches(lambda chunk: self(chunk, None, eager)[0], hidden_states), None, None
         all_hidden_states: list[torch.Tensor] = [hidden_states]
         all_attentions: list[torch.Tensor] = []
         for i, layer_module in enumerate(self.layer):
@@ -284,24 +276,6 @@ class ViTEncoder(nn.Module):
             hidden_states,
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
-        )
-
-
-    def splits_batch(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool,
-                     output_hidden_states: bool) -> bool:
-        """Whether forward runs the batch in sub-batches: CPU inference (eval, autograd off, not
-        under torch.compile) of more than INFERENCE_CHUNK_ROWS token rows, no per-layer outputs."""
-        batch_size, tokens = hidden_states.shape[:2]
-        return (
-            batch_size * tokens > INFERENCE_CHUNK_ROWS
-            and batch_size > 1
-            and not self.training
-            and not torch.is_grad_enabled()
-            and hidden_states.device.type == "cpu"
-            and head_mask is None
-            and not output_attentions
-            and not output_hidden_states
-            and not torch.compiler.is_compiling()
         )
 
 
@@ -337,12 +311,16 @@ class ViTPreTrainedModel(nn.Module):
         torch_dtype: torch.dtype | str | None,
         dtype: torch.dtype | str | None,
     ) -> torch.dtype:
-        """Store the config (and the attention implementation on it, as transformers does); return the dtype."""
+        """Store the config (and the attention implementation on it, as transformers does); return the dtype.
+
+        ``attn_implementation=None`` keeps the config's ``_attn_implementation`` when it has one."""
         if not isinstance(config, ViTConfig):
             raise TypeError(f"{type(self).__name__} needs a vit_core ViTConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        set_attn_implementation(config, attn_implementation)
+        if attn_implementation is None:
+            attn_implementation = getattr(config, "_attn_implementation", None)
+        self.set_attn_implementation(attn_implementation)
         return resolve_dtype(torch_dtype, dtype)
 
     def _finish(self, target_dtype: torch.dtype) -> None:
@@ -361,6 +339,23 @@ class ViTPreTrainedModel(nn.Module):
         return weight_table(self.config, self.task)
 
     # -------------------------------------------------------------------------- properties
+    @property
+    def attn_implementation(self) -> str:
+        """"sdpa" (the fused path) or "eager"; output_attentions or a head mask take the eager path anyway.
+
+        Kept on the config (``config._attn_implementation``, as transformers does), which a task
+        model shares with its backbone; settable (same as :meth:`set_attn_implementation`)."""
+        return resolve_attn_implementation(getattr(self.config, "_attn_implementation", None))
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str | None) -> None:
+        self.set_attn_implementation(value)
+
+    def set_attn_implementation(self, attn_implementation: str | None) -> None:
+        """Switch the attention path: "sdpa" or "fused" (the same fused path, the default) or
+        "eager"; takes effect on the next call. ValueError listing the choices for another name."""
+        self.config._attn_implementation = resolve_attn_implementation(attn_implementation)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -523,9 +518,9 @@ class ViTModel(ViTPreTrainedModel):
         pooler_output (batch, pooler size) or None, hidden_states (layers + 1 tensors, before the
         final layernorm) and attentions (layers tensors (batch, heads, tokens, tokens)).
         """
-        output_attentions = _flag(output_attentions, self.config, "output_attentions", False)
-        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states", False)
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        output_attentions = flag(output_attentions, self.config, "output_attentions", False)
+        output_hidden_states = flag(output_hidden_states, self.config, "output_hidden_states", False)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         interpolate_pos_encoding = bool(interpolate_pos_encoding)
         gh, gw = validation.check_pixel_values(pixel_values.shape, pixel_values.is_floating_point(), self.config,
                                                interpolate_pos_encoding)
@@ -538,7 +533,7 @@ class ViTModel(ViTPreTrainedModel):
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         pixel_values = pixel_values.to(expected_dtype)  # as transformers: inputs follow the weights' dtype
         head_mask = self._expand_head_mask(head_mask, expected_dtype)
-        eager = output_attentions or head_mask is not None or self.config._attn_implementation == "eager"
+        eager = output_attentions or head_mask is not None or self.attn_implementation == "eager"
 
         embedding_output = self.embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         sequence_output, hidden_states, attentions = self.encoder(
@@ -598,7 +593,7 @@ class ViTForMaskedImageModeling(ViTPreTrainedModel):
     ) -> MaskedImageModelingOutput | tuple[torch.Tensor, ...]:
         """pixel_values (batch, channels, height, width) -> reconstruction (batch, channels, gh * stride,
         gw * stride) and, with bool_masked_pos (batch, patches), the masked L1 loss."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
         outputs = self.vit(pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
@@ -663,7 +658,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
     ) -> ImageClassifierOutput | tuple[torch.Tensor, ...]:
         """pixel_values (batch, channels, height, width) -> logits (batch, num_labels); loss with labels:
         (batch,) class indices, (batch, num_labels) floats for multi-label, (batch,) floats for regression."""
-        return_dict = _flag(return_dict, self.config, "return_dict", True)
+        return_dict = flag(return_dict, self.config, "return_dict", True)
         outputs = self.vit(pixel_values, None, head_mask, output_attentions, output_hidden_states,
                            interpolate_pos_encoding, return_dict=True)
         logits = self.classifier(outputs.last_hidden_state[:, 0])  # (batch, num_labels)
@@ -674,7 +669,14 @@ class ViTForImageClassification(ViTPreTrainedModel):
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ViTConfig) -> torch.Tensor:
-    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset)."""
+    """transformers' image-classification loss for ``config.problem_type`` (inferred when unset).
+
+    Single-label cross-entropy skips labels equal to -100 (``ignore_index``), averaging over the
+    others (NaN when every label is skipped or the batch is empty, as F.cross_entropy gives). Any
+    other label outside [0, num_labels) is a ValueError naming it. Under torch.compile the labels'
+    values are not known while tracing: there an out-of-range label makes the loss NaN instead
+    (never a finite wrong loss), without a graph break.
+    """
     labels = labels.to(logits.device)
     is_integer = not labels.is_floating_point() and labels.dtype != torch.bool and not labels.is_complex()
     problem = validation.problem_type(config, is_integer)
@@ -685,25 +687,26 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ViTC
             return F.mse_loss(logits.squeeze(), labels.squeeze())
         return F.mse_loss(logits, labels)
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
+        flat_labels = labels.reshape(-1).long()
+        if not torch.compiler.is_compiling():
+            validation.check_class_labels(flat_labels.detach().cpu().numpy(), num_labels)
+            return F.cross_entropy(logits.view(-1, num_labels), flat_labels)
+        ignored = flat_labels == validation.IGNORE_INDEX
+        out_of_range = ~ignored & ((flat_labels < 0) | (flat_labels >= num_labels))
+        loss = F.cross_entropy(logits.view(-1, num_labels), flat_labels.masked_fill(out_of_range, validation.IGNORE_INDEX))
+        return torch.where(out_of_range.any(), torch.full_like(loss, float("nan")), loss)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
 # ------------------------------------------------------------------------------ small helpers
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
 def resolve_dtype(
     torch_dtype: torch.dtype | str | None, dtype: torch.dtype | str | None, allow_auto: bool = False
 ) -> torch.dtype | str:
     """``dtype=`` (transformers >= 4.56 spelling) or ``torch_dtype=``: float32 (default), bfloat16 or float16.
 
-    Strings ("bfloat16", "torch.float16") work too. "auto" is returned as is when ``allow_auto``
-    (from_pretrained then takes the checkpoint config's dtype); on construction it means float32.
+    Strings are read by vit_core.options.dtype_name ("bfloat16", "bf16", "torch.float16").
+    "auto" is returned as is when ``allow_auto`` (from_pretrained then takes the checkpoint
+    config's dtype); on construction it means float32.
     """
     if torch_dtype is not None and dtype is not None and _as_dtype(torch_dtype) != _as_dtype(dtype):
         raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree; pass only one")
@@ -716,31 +719,8 @@ def resolve_dtype(
 def _as_dtype(value: torch.dtype | str) -> torch.dtype | str:
     if value == "auto":
         return "auto"
-    if isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
-        dtype = _DTYPES[value.removeprefix("torch.")]
-    else:
+    if isinstance(value, str):
+        return getattr(torch, dtype_name(value))
+    if not isinstance(value, torch.dtype) or value not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {value!r}; use torch.float32, torch.bfloat16 or torch.float16")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
-    return dtype
-
-
-def set_attn_implementation(config: ViTConfig, attn_implementation: str | None) -> None:
-    """Record the attention implementation on the config (``config._attn_implementation``, as in
-    transformers, so changing it later takes effect). Default "sdpa"."""
-    if attn_implementation is None:
-        attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
-                         f"choose one of {ATTN_IMPLEMENTATIONS}")
-    config._attn_implementation = attn_implementation
-
-
-def _flag(value: bool | None, config: ViTConfig, name: str, default: bool) -> bool:
-    """An output flag: the call's value, else the config's (transformers' config fields such as
-    ``output_attentions`` are kept in ``config.extra``), else the default."""
-    if value is not None:
-        return bool(value)
-    return bool(config.extra.get(name, default))
+    return value
