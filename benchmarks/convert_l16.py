@@ -30,8 +30,8 @@ _MAKE = textwrap.dedent("""
     import json, resource, sys, numpy as np
     from vit_core import ViTConfig
     from vit_core.weights import weight_table
-    from conversion.rules import Lazy
-    from conversion import io
+    from vit_core.checkpoint.lazy import Lazy
+    from vit_core.checkpoint import safetensors
     from conversion.formats.transformers import save_config
     import pathlib
     out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True)
@@ -43,7 +43,7 @@ _MAKE = textwrap.dedent("""
         return load
     state = {s.name: Lazy(s.shape, np.dtype(np.float32), make(i, s.shape, s.kind), s.name)
              for i, s in enumerate(weight_table(config, "classification"))}
-    io.write_safetensors(out / "model.safetensors", state, {"format": "pt"})
+    safetensors.write(out / "model.safetensors", state, {"format": "pt"})
     save_config(config, out, set(state))
     print(json.dumps({"parameters": sum(int(np.prod(s.shape)) for s in state.values())}))
 """)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conversion import assert_parity, compare, convert, pipeline
 from conversion.compare import sample_images
+from vit_core.checkpoint import materialize
 from conversion.frameworks import FRAMEWORKS, run_framework, unavailable
 
 from .cases import assert_close
@@ -33,7 +34,7 @@ def test_framework_reproduces_the_source_implementation(source: Source, framewor
 
     loaded = open_checkpoint(converted.path)
     oracle = np.load(source.outputs)
-    run = run_framework(framework, converted.path, loaded.task, set(loaded.state), oracle["pixel_values"],
+    run = run_framework(framework, materialize(loaded.state), loaded.task, oracle["pixel_values"],
                         hidden_states=True, config=loaded.config)
     expected = {f"hidden_states[{i}]": oracle[f"{source.oracle}/hidden_states_{i}"] for i in range(3)}
     expected["logits" if source.task == "classification" else "last_hidden_state"] = (

@@ -56,10 +56,14 @@ PIXELS = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.floa
 
 
 def read_raw_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """A file's tensors in its own names, in memory."""
+    """A file's tensors in its own names, in memory (TF names without the Keras model name, which
+    Keras numbers per process, "tf_vi_t_model_9", and every loader ignores)."""
     from vit_core.checkpoint import materialize, read_raw
+    from vit_core.checkpoint.names import strip_tf_model_name
 
-    return materialize(read_raw(path)[0])
+    raw, flavour = read_raw(path)
+    arrays = materialize(raw)
+    return {strip_tf_model_name(k): v for k, v in arrays.items()} if flavour == "tf" else arrays
 
 
 def pt_outputs(path: pathlib.Path, task: str) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vit_core import pretrained as core_pretrained
-from vit_core.checkpoint_io import check_state_fits_table
+from vit_core.checkpoint.fit import check_state_fits_table
 from vit_core.config import ViTConfig
 from vit_core.weights import KINDS, WeightSpec, weight_table
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vit_core import pretrained as core_pretrained
-from vit_core.checkpoint_io import check_state_fits_table
+from vit_core.checkpoint.fit import check_state_fits_table
 from vit_core.config import ViTConfig
 from vit_core.weights import KINDS, WeightSpec, weight_table
 

@@ -35,10 +35,15 @@ def _listing(title: str, lines: list[str]) -> list[str]:
 
 
 def check_config_fits(state: Mapping[str, Any], config: Any, source: str) -> None:
-    """The config's depth and width against the checkpoint's, before a table is built from the config."""
+    """The config's depth and width against the checkpoint's, before a table is built from the config.
+
+    A config with more layers than the checkpoint holds is refused here (the table it would give,
+    and the report of every missing key, grow with the config, not the file); a checkpoint with
+    stray extra layers is left to the strict fit, which lists them.
+    """
     layers = {int(m.group(1)) for k in state if (m := _LAYER_INDEX.search(k))}
     depth = max(layers) + 1 if layers else 0
-    if layers and depth != config.num_hidden_layers:
+    if layers and config.num_hidden_layers > depth:
         raise CheckpointError(f"{source}: the config says num_hidden_layers={config.num_hidden_layers}, "
                               f"the checkpoint has {depth} encoder layers")
     for key in ("embeddings.cls_token", "vit.embeddings.cls_token"):
