@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from vit_core.checkpoint import dtypes
+from vit_core.checkpoint import torch_pickle as tp
 from vit_core.checkpoint import torch_zip as tz
 from vit_core.checkpoint.errors import CheckpointError
 from vit_core.checkpoint.lazy import lazify, lazy_from_array
@@ -329,14 +330,14 @@ BUILD_TARGETS = {
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", list(BUILD_TARGETS))
 def test_build_cannot_touch_vitx_objects(tmp_path: pathlib.Path, fmt: str, kind: str) -> None:
-    helpers = [tz._rebuild_tensor_v2, tz._rebuild_parameter, tz._torch_device]
+    helpers = [tp._rebuild_tensor_v2, tp._rebuild_parameter, tp._torch_device]
     before = [(f.__defaults__, f.__qualname__) for f in helpers]
     target, attrs = BUILD_TARGETS[kind]
     path = container(fmt, tmp_path / "m.bin", _build_onto(target, attrs))
     refused(path, "BUILD")
     assert [(f.__defaults__, f.__qualname__) for f in helpers] == before
-    assert vars(tz._STORAGE_TYPES["FloatStorage"]) == {"name": "FloatStorage", "code": "<f4", "bf16": False}
-    assert not hasattr(tz._TensorType, "pwned") and not hasattr(collections.OrderedDict, "pwned")
+    assert vars(tp._STORAGE_TYPES["FloatStorage"]) == {"name": "FloatStorage", "code": "<f4", "bf16": False}
+    assert not hasattr(tp._TensorType, "pwned") and not hasattr(collections.OrderedDict, "pwned")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -16,7 +16,6 @@ placeholder on both sides of a rule carries the matched text across. Placeholder
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
