@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conversion.frameworks import FRAMEWORKS, unavailable
@@ -127,3 +128,74 @@ def test_classify(tmp_path: pathlib.Path) -> None:
 def test_console_script_is_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'vitx = "conversion.cli:main"' in text
+
+
+@pytest.fixture(scope="module")
+def transformers_bin(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """transformers' own ViTForImageClassification saved as pytorch_model.bin (not safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                    image_size=32, patch_size=8, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                    label2id={"a": 0, "b": 1, "c": 2})
+    directory = tmp_path_factory.mktemp("bin") / "tiny-bin"
+    transformers.ViTForImageClassification(config).save_pretrained(directory, safe_serialization=False)
+    assert (directory / "pytorch_model.bin").is_file() and not (directory / "model.safetensors").exists()
+    return directory
+
+
+def test_every_command_reads_pytorch_model_bin(transformers_bin: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """classify, parity, info and convert read a pytorch_model.bin the way from_pretrained does
+    (they failed with "dtype float32 cannot be stored in safetensors")."""
+    from conversion.compare import sample_images
+
+    image = sample_images()[0]
+    for framework in AVAILABLE:
+        result = vitx("classify", str(transformers_bin), str(image), "--framework", framework, "--json", "-q")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)[str(image)][0]["label"] in ("a", "b", "c")
+    parity = vitx("parity", str(transformers_bin), "--frameworks", ",".join(AVAILABLE), "--json", "-q")
+    assert parity.returncode == 0, parity.stderr
+    assert sorted(json.loads(parity.stdout)["frameworks"]) == sorted(AVAILABLE)
+    assert vitx("info", str(transformers_bin), "-q").returncode == 0
+    back = vitx("convert", str(transformers_bin), str(tmp_path / "pt"), "--to", "pytorch", "-q")
+    assert back.returncode == 0, back.stderr
+    again = vitx("classify", str(tmp_path / "pt"), str(image), "--json", "-q")  # vitx's own --to pytorch output
+    assert again.returncode == 0, again.stderr
+
+
+def test_frameworks_accept_comma_and_space_lists() -> None:
+    for args in (["reference,reference"], ["reference", "reference"]):
+        result = vitx("parity", str(NPZ / "jax.npz"), "--frameworks", *args, "--json", "-q")
+        assert result.returncode in (0, 1) and "unknown framework" not in result.stderr, result.stderr
+        assert json.loads(result.stdout)["frameworks"] == ["reference", "reference"] or result.returncode == 0
+    bad = vitx("parity", str(NPZ / "jax.npz"), "--frameworks", "torch,caffe", "-q")
+    assert bad.returncode == 2 and "caffe" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_legacy_torch_pickle_reads_everywhere(tmp_path: pathlib.Path) -> None:
+    """A pre-1.6 (non-zip) pytorch_model.bin: from_pretrained in every framework and the CLI."""
+    torch = pytest.importorskip("torch")
+    from vit_core import ViTConfig
+    from vit_core.checkpoint import read_state_dict
+
+    from .cases import TINY, seeded_state
+
+    config = ViTConfig(**dict(TINY, num_labels=3))
+    state = seeded_state(config, "classification")
+    config.save_pretrained(tmp_path)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    assert (tmp_path / "pytorch_model.bin").read_bytes()[:2] == b"\x80\x02"
+    got = read_state_dict(tmp_path)
+    assert all((got[k] == v).all() for k, v in state.items())
+    import importlib
+
+    for framework in AVAILABLE:
+        package = {"torch": "vit_torch", "tf": "vit_tf", "flax": "vit_flax"}[framework]
+        prefix = {"torch": "", "tf": "TF", "flax": "Flax"}[framework]
+        cls = getattr(importlib.import_module(package), prefix + "ViTForImageClassification")
+        canonical = importlib.import_module(package + ".weights").canonical_state(cls.from_pretrained(tmp_path))
+        assert set(canonical) == set(state), framework
+        assert all(np.array_equal(canonical[k], v) for k, v in state.items()), framework
+    assert vitx("info", str(tmp_path), "-q").returncode == 0

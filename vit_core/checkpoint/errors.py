@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ _PARSE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, struct.error,
     zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, RecursionError, OverflowError,
     MemoryError, UnicodeError, RuntimeError, NotImplementedError, LookupError, zlib.error,
+    SyntaxError, tokenize.TokenError,  # numpy's .npy header is a Python literal
 )
 
 
