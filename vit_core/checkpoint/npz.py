@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import math
 import pathlib
-import struct
 import zipfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, zips
 from .errors import CheckpointError, reading
 from .lazy import Lazy, LazyState, materialize
 
 Progress = Callable[[int], None]
-
-_DEFLATE_MAX_RATIO = 1032  # the most one compressed byte can expand to under deflate
 
 
 def sniff(path: pathlib.Path) -> bool:
@@ -62,7 +59,7 @@ def _member(path: pathlib.Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
         raise CheckpointError(f"{path}: member {info.filename[:80]!r} is not a .npy array: not an npz checkpoint")
     key = info.filename[: -len(".npy")]
     where = f"{path}: member {key[:80]!r}"
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(1, info.compress_size) * _DEFLATE_MAX_RATIO:
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(1, info.compress_size) * zips.DEFLATE_MAX_RATIO:
         raise CheckpointError(f"{where}: declares {info.file_size} bytes from {info.compress_size} compressed (a zip bomb)")
     with archive.open(info) as member:
         version = np.lib.format.read_magic(member)
@@ -80,23 +77,14 @@ def _member(path: pathlib.Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
         raise CheckpointError(f"{where}: holds {info.file_size - header_len} data bytes, its header needs {nbytes}")
     offset = None
     if info.compress_type == zipfile.ZIP_STORED:
-        offset = _stored_data_offset(path, info) + header_len
+        with open(path, "rb") as raw:
+            offset = zips.data_offset(path, raw, info) + header_len
         if offset + nbytes > file_size:
             raise CheckpointError(f"{where}: runs past the end of the file (truncated)")
     return key, Lazy(shape, dtype.newbyteorder("=") if dtype.byteorder != "|" else dtype,
                      _loader(path, info.filename, shape, dtype, fortran, offset), f"{path}:{key}")
 
 
-def _stored_data_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
-    """Where a stored member's bytes start: after its local file header (whose extra field may
-    differ from the central directory's)."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: corrupt zip local header for {info.filename[:80]!r}")
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
 
 
 def _loader(path: pathlib.Path, name: str, shape: tuple[int, ...], dtype: np.dtype, fortran: bool,

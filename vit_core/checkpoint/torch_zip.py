@@ -48,7 +48,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, zips
 from .errors import CheckpointError, reading, writing
 from .lazy import LazyState, materialize
 from .torch_pickle import (  # the restricted unpickler and its records
@@ -65,7 +65,6 @@ Progress = Callable[[int], None]
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive's end record
 _PICKLE_PROTOCOLS = range(2, 6)  # what torch.save writes (2) up to the newest pickle protocol
 
-_DEFLATE_MAX_RATIO = 1032  # the most one compressed byte can expand to under deflate
 _DEFLATE_SLACK = 1024  # block headers of a tiny member
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -166,7 +165,7 @@ def _check_member(path: pathlib.Path, info: zipfile.ZipInfo, limit: int, file_si
         if file_size is not None and info.header_offset + info.compress_size > file_size:
             raise CheckpointError(f"{what} runs past the end of the file (truncated)")
     elif info.compress_type == zipfile.ZIP_DEFLATED:
-        if info.file_size > info.compress_size * _DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
+        if info.file_size > info.compress_size * zips.DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
             raise CheckpointError(f"{what} declares {info.file_size} bytes from {info.compress_size} compressed: "
                                   "more than deflate can produce (a zip bomb; refused)")
     else:
@@ -187,22 +186,13 @@ def _member_source(path: pathlib.Path, archive: zipfile.ZipFile, raw: BinaryIO, 
                               f"{storage.nbytes} ({storage.numel} x {storage.type.name}; refused)")
     _check_member(path, info, info.file_size if stored else storage.nbytes, file_size)
     if stored:
-        offset = _data_offset(path, raw, info)
+        offset = zips.data_offset(path, raw, info)
         if offset + info.file_size > file_size:
             raise CheckpointError(f"{path}: storage {_brief(name, 80)} runs past the end of the file (truncated)")
         return _MappedMember(path, offset, info, dtype, storage.numel)
     return functools.partial(_inflate, path, info, dtype, storage.numel)
 
 
-def _data_offset(path: pathlib.Path, raw: BinaryIO, info: zipfile.ZipInfo) -> int:
-    """Offset of a stored member's bytes: after its local header, whose extra field (torch's
-    alignment padding) may differ from the central directory's."""
-    raw.seek(info.header_offset)
-    local = raw.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: corrupt zip local header for {_brief(info.filename, 80)}")
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
 
 
 class _MappedMember:
