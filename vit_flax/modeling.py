@@ -865,9 +865,13 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
             return jnp.mean((logits.squeeze() - labels.squeeze()) ** 2)
         return jnp.mean((logits - labels) ** 2)
     if problem == "single_label_classification":
+        # labels equal to -100 are skipped and the mean runs over the others, as torch's
+        # cross_entropy (ignore_index=-100) in transformers' PyTorch loss does
         log_probs = jax.nn.log_softmax(logits.reshape(-1, num_labels), axis=-1)
-        picked = jnp.take_along_axis(log_probs, labels.reshape(-1, 1).astype(jnp.int32), axis=-1)
-        return -jnp.mean(picked)
+        flat_labels = labels.reshape(-1).astype(jnp.int32)
+        valid = flat_labels != -100
+        picked = jnp.take_along_axis(log_probs, jnp.where(valid, flat_labels, 0)[:, None], axis=-1)[:, 0]
+        return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
     # multi-label: binary cross-entropy with logits, mean over every element (log1p form, stable)
     labels = labels.astype(jnp.float32)
     return jnp.mean(jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
