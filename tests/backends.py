@@ -85,6 +85,7 @@ class Backend:
     extra: str           # the pip extra that installs the framework: vitx[extra]
     frameworks: tuple[str, ...]  # what `module` needs; blocking any one must name the extra
     own_modules: tuple[str, ...]  # modules importing `module` may load (all others: never)
+    blockable: tuple[str, ...]  # frameworks whose absence `import module` must explain
     paths: tuple[Path, ...]
     bad_inputs: tuple[BadInput, ...]
 
@@ -220,6 +221,7 @@ class TorchBackend(Backend):
     extra = "torch"
     frameworks = ("torch",)
     own_modules = ("torch",)
+    blockable = ("torch",)
     # The sdpa path (attentions not asked; a head mask still forces eager), the eager path, and
     # the sdpa model forced onto the eager path by output_attentions=True (attention maps).
     paths = (
@@ -390,6 +392,7 @@ class TFBackend(Backend):
     extra = "tf"
     frameworks = ("tensorflow", "keras")
     own_modules = ("tensorflow", "keras")
+    blockable = ("tensorflow",)
     # fused, eager and fused forced eager by output_attentions in TF's eager mode; and the fused
     # path traced by tf.function (graph mode, as Keras fit / SavedModel serving run it).
     paths = (
@@ -531,6 +534,7 @@ class FlaxBackend(Backend):
     extra = "flax"
     frameworks = ("jax", "flax")
     own_modules = ("jax", "jaxlib", "flax")
+    blockable = ("jax", "flax")
     # model(...) is jit-compiled: fused, eager and fused forced eager by output_attentions; and the
     # fused forward run op by op under jax.disable_jit (no XLA fusion, same numbers).
     paths = (
@@ -621,12 +625,9 @@ class FlaxBackend(Backend):
         return np.asarray(norm(jnp.asarray(x, dtype)))
 
     def bicubic_matrix(self, in_size: int, out_size: int) -> np.ndarray:
-        import jax.numpy as jnp
         from vit_flax import layers
 
-        # the matrix the model applies: resampling an identity grid returns it (rows as columns)
-        eye = jnp.eye(in_size, dtype=jnp.float32).reshape(1, in_size, in_size)  # (1, in * 1, dim = in)
-        return np.asarray(layers.resample_position_grid(eye, (in_size, 1), (out_size, 1))).reshape(out_size, in_size)
+        return np.asarray(layers._bicubic_matrix_f32(in_size, out_size))  # the constant resample_position_grid applies
 
     def resample_position_grid(self, table: np.ndarray, grid: tuple[int, int], out: tuple[int, int]) -> np.ndarray:
         import jax.numpy as jnp
@@ -767,9 +768,15 @@ def transformers_pytorch_model(case: Case, state: dict[str, np.ndarray], attn_im
     return model.eval()
 
 
+_TRANSFORMERS_PT: dict[str, Any] = {}
+
+
 def _transformers_pytorch(case: Case, attn_implementation: str) -> dict[str, Any]:
     torch = pytest.importorskip("torch")
-    model = transformers_pytorch_model(case, make_state(case), attn_implementation)
+    if case.name not in _TRANSFORMERS_PT:  # one model per case: transformers reads the switch at every call
+        _TRANSFORMERS_PT[case.name] = transformers_pytorch_model(case, make_state(case), "eager")
+    model = _TRANSFORMERS_PT[case.name]
+    model.config._attn_implementation = attn_implementation
     options = forward_options(case)
     if attn_implementation == "sdpa":
         options["output_attentions"] = False
