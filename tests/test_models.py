@@ -137,7 +137,8 @@ def test_fused_matches_eager(backend: Backend, case: Case) -> None:
     """Same weights, same inputs: the fused and the written-out attention agree to 1e-5 in float32."""
     fused = path_outputs(backend, case, fused_path(backend))
     eager = path_outputs(backend, case, eager_path(backend))
-    assert_close(max_diffs(eager, fused, what=case.name), FUSED_EAGER_F32, what=f"{backend}/{case.name}: fused vs eager")
+    assert_close(max_diffs(eager, fused, what=case.name), FUSED_EAGER_F32,
+                 what=f"{backend}/{case.name}: fused vs eager")
 
 
 @by_case
@@ -296,7 +297,8 @@ def test_strict_loading_reports_every_bad_key(backend: Backend, case: Case) -> N
             backend.load_state(model, state)
         message = str(info.value)
         for expected in (f"{missing.name} {missing.shape}", f"{last.name} {last.shape}",
-                         f"{prefix}extra.weight (2, 3)", f"{misshaped.name}: given {bad_shape} vs model {misshaped.shape}"):
+                         f"{prefix}extra.weight (2, 3)",
+                         f"{misshaped.name}: given {bad_shape} vs model {misshaped.shape}"):
             assert expected in message, (expected, message)
         after = backend.canonical_state(model)
         assert [k for k in before if not np.array_equal(before[k], after[k])] == [], "a failed load changed weights"
@@ -419,7 +421,8 @@ def test_return_dict_false_and_output_access(backend: Backend) -> None:
     positional = cls_model(backend.tensor(x), None, None, True, True)
     assert len(positional.attentions) == case.vit_config.num_hidden_layers
     assert len(positional.hidden_states) == case.vit_config.num_hidden_layers + 1
-    for name, keys in (("no-pooler", ["last_hidden_state", "hidden_states"]), ("mim", ["reconstruction", "hidden_states"])):
+    for name, keys in (("no-pooler", ["last_hidden_state", "hidden_states"]),
+                       ("mim", ["reconstruction", "hidden_states"])):
         other = CASES_BY_NAME[name]
         other_model = cached_model(backend, other)
         backend.set_attn(other_model, "fused")
@@ -457,8 +460,8 @@ def test_labels_problem_types_and_ignore_index(backend: Backend) -> None:
     x = make_inputs(case)["pixel_values"]
     labels = np.array([2, -100, 4])
     options = {"output_hidden_states": True, "interpolate_pos_encoding": False}
-    loss64 = backend.to_numpy(backend.forward(model, {"pixel_values": x, "labels": labels.astype(np.int64)}, **options).loss)
-    loss32 = backend.to_numpy(backend.forward(model, {"pixel_values": x, "labels": labels.astype(np.int32)}, **options).loss)
+    loss64, loss32 = (backend.to_numpy(backend.forward(model, {"pixel_values": x, "labels": labels.astype(dtype)},
+                                                       **options).loss) for dtype in (np.int64, np.int32))
     assert np.array_equal(loss64, loss32)
     logits = reference(case)["logits"]
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
