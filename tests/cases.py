@@ -99,6 +99,28 @@ def seeded_state(config: ViTConfig, task: str, seed: int = 0, **table_kwargs: An
     return state
 
 
+def init_state(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
+    """Checkpoint-scale float32 weights of the case, drawn as a fresh model initialises them
+    (the table's init: truncated normal with std initializer_range cut at +-2 std, zeros, ones),
+    in numpy so every framework gets the same numbers. Hidden states stay |h| <~ 1, where
+    reduced-precision comparisons mean what they do on a real checkpoint."""
+    config = case.vit_config
+    rng = np.random.default_rng(seed)
+    state = {}
+    for spec in weight_table(config, case.task, **case.table_kwargs):
+        if spec.init == "zeros":
+            value = np.zeros(spec.shape)
+        elif spec.init == "ones":
+            value = np.ones(spec.shape)
+        else:
+            value = rng.standard_normal(spec.shape)
+            while (outside := np.abs(value) > 2).any():
+                value[outside] = rng.standard_normal(int(outside.sum()))
+            value *= config.initializer_range
+        state[spec.name] = value.astype(np.float32)
+    return state
+
+
 def make_inputs(case: Case, seed: int = 1) -> dict[str, Any]:
     """pixel_values (batch, C, H, W) float32 and, as the case asks, bool_masked_pos, head_mask, labels."""
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ pytest.importorskip("flax")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vit_core.checkpoint_io import CheckpointError, to_new_names  # noqa: E402
+from vit_core.checkpoint import CheckpointError, to_new_names  # noqa: E402
 from vit_core.reference import forward as reference_forward  # noqa: E402
 from vit_core.reference import layer_norm as reference_layer_norm  # noqa: E402
 from vit_core.tolerances import TOLERANCES  # noqa: E402

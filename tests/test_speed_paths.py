@@ -3,7 +3,7 @@
 vit_torch: in eval mode with autograd off, every Linear multiplies by a oneDNN-prepacked weight
 (torch.ops.mkldnn._linear_pointwise), the MLP's GELU and its residual add ride in the GEMM, the
 patch convolution is one prepacked matmul, and a large CPU batch runs through the encoder in
-sub-batches. tests/test_torch.py runs the whole case table
+sub-batches. tests/test_models.py runs the whole case table (torch backend)
 under torch.no_grad (so through these paths) against the float64 reference; here: that the paths
 are taken, that they equal the plain path, that the packed-weight cache follows weight changes,
 and that training / autograd never use them.

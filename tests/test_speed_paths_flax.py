@@ -3,7 +3,7 @@
 vit_flax on CPU: a large inference batch runs through the encoder as sub-batches (one lax.map),
 attention is written with (batch, heads) leading, and bfloat16 dots ask XLA for a float32 result
 (XLA's CPU backend then reads the bfloat16 operands with the CPU's bf16 instructions instead of
-widening them to float32 on every call). tests/test_flax.py runs the whole case table through
+widening them to float32 on every call). tests/test_models.py runs the whole case table (flax backend) through
 these paths against the float64 reference; here: that the paths are taken and equal the plain path.
 """
 

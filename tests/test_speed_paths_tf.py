@@ -1,7 +1,7 @@
 """The vit_tf inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
 
 vit_tf: a large inference batch of static size runs through the encoder as sub-batches (eager,
-tf.function and XLA alike); tests/test_tf.py runs the whole case table through the fused path
+tf.function and XLA alike); tests/test_models.py runs the whole case table (tf backend) through the fused path
 against the float64 reference. Here: that sub-batching is taken only when it should be, and
 equals the whole-batch path.
 """

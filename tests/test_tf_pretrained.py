@@ -21,8 +21,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 import vit_tf  # noqa: E402
-from vit_core import checkpoint_io  # noqa: E402
-from vit_core.checkpoint_io import CheckpointError  # noqa: E402
+from vit_core import checkpoint as ckpt  # noqa: E402
+from vit_core.checkpoint import CheckpointError  # noqa: E402
 from vit_core.reference import backbone as reference_backbone  # noqa: E402
 from vit_core.tolerances import TOLERANCES  # noqa: E402
 from vit_tf import (  # noqa: E402
@@ -209,13 +209,13 @@ def test_other_file_kinds_load(kind: str, tmp_path: pathlib.Path) -> None:
     state = make_state(CLS)
     CLS.vit_config.save_pretrained(tmp_path)
     if kind == "flax_model.msgpack":
-        checkpoint_io.write_flax_msgpack(state, tmp_path / kind)
+        ckpt.write_flax_msgpack(state, tmp_path / kind)
     elif kind == "new-names-safetensors":
         from safetensors.numpy import save_file
 
-        save_file(checkpoint_io.to_new_names(state), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        save_file(ckpt.to_new_names(state), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     else:
-        checkpoint_io.write_tf_h5(state, tmp_path / "tf_model.h5")
+        ckpt.write_tf_h5(state, tmp_path / "tf_model.h5")
     ours = TFViTForImageClassification.from_pretrained(tmp_path)
     assert all(np.array_equal(v, state[k]) for k, v in canonical_state(ours).items())
 

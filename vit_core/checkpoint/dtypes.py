@@ -1,9 +1,9 @@
 """Element types every container agrees on: numeric numpy dtypes only (never objects, strings,
 structured or void records), with bfloat16 / float8 through ml_dtypes when it is installed.
 
-Without ml_dtypes, bfloat16 data is read as its uint16 bits and widened to float32 exactly
-(bfloat16 is the top half of a float32): :func:`read_dtype` says which dtype to read and
-:func:`finish` turns what was read into what a caller gets.
+Without ml_dtypes, bfloat16 data is read as its uint16 bits (:func:`by_name` gives ``<u2``,
+:func:`is_bf16_bits` recognises it) and every reader hands it out widened to float32 exactly
+(:func:`bf16_bits_to_float32`; bfloat16 is the top half of a float32).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def by_name(name: object, where: str) -> np.dtype:
     """A numeric dtype from its numpy name ("float32", "bfloat16", "<f4"); anything else is refused
     before numpy could build it (an "O" or a structured spec never reaches np.dtype)."""
     if not isinstance(name, str) or not name or len(name) > 32:
-        raise CheckpointError(f"{where}: invalid dtype name {str(name)[:40]!r}")
+        raise CheckpointError(f"{where}: invalid dtype name {str(name)[:20]!r}")
     if name in ML_NAMES:
         dtype = ml_dtype(name)
         if dtype is None:
@@ -80,7 +80,7 @@ def from_safetensors(code: object, where: str) -> np.dtype:
         return np.dtype(SAFETENSORS_NUMPY[code])
     if isinstance(code, str) and code in SAFETENSORS_ML:
         return by_name(SAFETENSORS_ML[code], where)
-    raise CheckpointError(f"{where}: unknown safetensors dtype {str(code)[:40]!r}")
+    raise CheckpointError(f"{where}: unknown safetensors dtype {str(code)[:20]!r}")
 
 
 def to_safetensors(dtype: np.dtype, where: str) -> str:
