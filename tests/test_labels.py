@@ -49,7 +49,7 @@ def _torch() -> Backend:
         return (None if out.loss is None else float(out.loss)), out.logits.numpy()
 
     def run_traced(model: Any, x: np.ndarray, labels: np.ndarray) -> float:
-        # the loss function alone under torch.compile (the model's graph is tested in test_torch.py)
+        # the loss function alone under torch.compile (the model's graph is tested in test_torch_only.py)
         with torch.no_grad():
             logits = model(torch.from_numpy(x)).logits
         torch._dynamo.reset()

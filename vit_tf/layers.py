@@ -2,7 +2,7 @@
 
 Everything that differs between frameworks in how a ViT computes lives here, in one small place:
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
-of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_tf.py
+of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_models.py
 checks each against vit_core. The inference speed path (sub-batching of large float32 batches)
 lives here too, so modeling.py reads as the architecture; why it exists is measured in
 benchmarks/RESULTS.md.

@@ -2,7 +2,7 @@
 
 Everything that differs between frameworks in how a ViT computes lives here, in one small place:
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
-of the position grid and the patch embedding. tests/test_torch.py checks each against vit_core.
+of the position grid and the patch embedding. tests/test_models.py checks each against vit_core.
 
 The CPU inference speed paths live here too, so modeling.py reads as the architecture: the
 prepacked oneDNN Linear (with the GELU and the residual add fused into its GEMM), the patch
