@@ -265,12 +265,16 @@ class ViTEncoder(nnx.Module):
     """The stack of ViTLayer; collects hidden states and attentions when asked.
 
     The layers run as an unrolled Python loop (one traced copy per layer): the fastest code XLA
-    makes on CPU, at the price of compile time growing with depth.
+    makes on CPU, at the price of compile time growing with depth. With ``gradient_checkpointing``
+    set, each layer runs under ``nnx.remat``: its activations are recomputed in the backward pass
+    (the dropout keys are explicit inputs, so the recomputed masks are the same).
     """
 
     def __init__(self, config: ViTConfig, *, dtype: DType, param_dtype: DType) -> None:
         self.layer = nnx.List([ViTLayer(config, dtype=dtype, param_dtype=param_dtype)
                                for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.checkpoint_policy: Any = None  # a jax.checkpoint_policies entry, or None (save nothing)
 
     def __call__(
         self,
@@ -292,9 +296,13 @@ class ViTEncoder(nnx.Module):
         all_hidden_states: list[Array] = [hidden_states]
         all_attentions: list[Array] = []
         layer_rngs = split_rng(dropout_rng, len(self.layer))
+        run_layer = self._checkpointed_layer(eager) if self.gradient_checkpointing else None
         for i, layer_module in enumerate(self.layer):
             layer_head_mask = head_mask[i] if head_mask is not None else None  # (1, heads, 1, 1)
-            hidden_states, attention_probs = layer_module(hidden_states, layer_head_mask, eager, layer_rngs[i])
+            if run_layer is not None:
+                hidden_states, attention_probs = run_layer(layer_module, hidden_states, layer_head_mask, layer_rngs[i])
+            else:
+                hidden_states, attention_probs = layer_module(hidden_states, layer_head_mask, eager, layer_rngs[i])
             all_hidden_states.append(hidden_states)
             if output_attentions and attention_probs is not None:
                 all_attentions.append(attention_probs)
@@ -303,6 +311,16 @@ class ViTEncoder(nnx.Module):
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
         )
+
+
+    def _checkpointed_layer(self, eager: bool) -> Any:
+        """``layer(hidden_states, head_mask, eager, dropout_rng)`` under nnx.remat (``eager`` static)."""
+
+        def run_layer(layer_module: ViTLayer, hidden_states: Array, head_mask: Array | None,
+                      dropout_rng: Array | None) -> tuple[Array, Array | None]:
+            return layer_module(hidden_states, head_mask, eager, dropout_rng)
+
+        return nnx.remat(run_layer, policy=self.checkpoint_policy)
 
 
 class ViTPooler(nnx.Module):
@@ -328,6 +346,7 @@ class FlaxViTPreTrainedModel(nnx.Module):
 
     base_model_prefix = "vit"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
     task: Task = "base"
 
     def _setup(self, config: ViTConfig, attn_implementation: str | None, dtype: DType, param_dtype: DType) -> None:
@@ -380,6 +399,33 @@ class FlaxViTPreTrainedModel(nnx.Module):
         for _, module in nnx.iter_modules(self):
             if isinstance(module, FlaxViTPreTrainedModel):
                 module._attn_implementation = implementation
+
+    # -------------------------------------------------------------------------- training helpers
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for _, m in nnx.iter_modules(self) if isinstance(m, ViTEncoder))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each encoder layer in the backward pass (nnx.remat), as vit_torch and transformers do;
+        recompiles on the next call. Gradients are unchanged.
+
+        ``gradient_checkpointing_kwargs`` may hold ``policy`` (a ``jax.checkpoint_policies`` entry:
+        what to keep rather than recompute; default None, keep nothing).
+        """
+        options = dict(gradient_checkpointing_kwargs or {})
+        policy = options.pop("policy", None)
+        if options:
+            raise ValueError(f"gradient_checkpointing_kwargs accepts only 'policy', got {sorted(options)}")
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, ViTEncoder):
+                module.gradient_checkpointing = True
+                module.checkpoint_policy = policy
+
+    def gradient_checkpointing_disable(self) -> None:
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, ViTEncoder):
+                module.gradient_checkpointing = False
+                module.checkpoint_policy = None
 
     # -------------------------------------------------------------------------- transformers Flax params
     @property

@@ -11,6 +11,7 @@ vit_flax/modeling.py define the same classes in the same order with the same nam
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -430,15 +431,27 @@ class ViTPreTrainedModel(nn.Module):
         )
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None, safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str | None = None,
+        safe_serialization: bool = True,
+        *,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
     ) -> None:
         """Write ``config.json`` + ``model.safetensors`` (canonical names; sharded above ``max_shard_size``,
         e.g. "5GB"). ``safe_serialization=False`` (a pickle file) is not written: use
-        ``conversion.convert(dir, out, to="pytorch")`` for a pytorch_model.bin."""
+        ``conversion.convert(dir, out, to="pytorch")`` for a pytorch_model.bin.
+
+        transformers' keywords, as its Trainer passes them: ``state_dict`` (this model's
+        ``state_dict()`` keys, e.g. gathered from a wrapped model) is saved instead of the model's
+        own values, strictly (every key, no other); ``is_main_process=False`` writes nothing."""
         if not safe_serialization:
             raise ValueError("vit_torch saves safetensors only; for a pytorch_model.bin run "
                              "conversion.convert(saved_dir, out_dir, to='pytorch') (or `vitx convert --to pytorch`)")
-        weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size)
+        if not is_main_process:
+            return
+        weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict)
 
 
 class ViTModel(ViTPreTrainedModel):

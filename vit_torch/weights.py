@@ -141,12 +141,18 @@ def load_canonical_state(
         param.copy_(_to_tensor(to_torch(state[name])).to(device=param.device, dtype=param.dtype))
 
 
-def canonical_state(model: ViTPreTrainedModel) -> dict[str, np.ndarray]:
-    """The model's parameters as canonical numpy arrays, in table order, with their own dtype.
+def canonical_state(
+    model: ViTPreTrainedModel, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
+    """The model's parameters (or ``state_dict``, with the same keys) as canonical numpy arrays, in
+    table order, with their own dtype.
 
     ``canonical_state(load_canonical_state(m, s))`` returns ``s`` bit for bit (same dtype).
     """
     params = dict(model.named_parameters())
+    if state_dict is not None:
+        _check_same_names(set(state_dict), set(params), "state_dict", f"{type(model).__name__} parameters")
+        params = {name: state_dict[name].detach() for name in params}
     state: dict[str, np.ndarray] = {}
     for spec in model.canonical_table():
         _, from_torch = LAYOUTS[spec.kind]
@@ -208,12 +214,14 @@ def load_pretrained_model(
 
 
 def save_pretrained_model(
-    model: ViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None
+    model: ViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> pathlib.Path:
     """Write config.json (with ``architectures`` and ``torch_dtype``, as transformers writes them) and
-    model.safetensors in canonical names, sharded above ``max_shard_size``."""
+    model.safetensors in canonical names (the values of ``state_dict`` when given), sharded above
+    ``max_shard_size``."""
     config = ViTConfig.from_dict(model.config.to_dict())
     config.extra["architectures"] = [type(model).__name__]
     config.extra["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    return core_pretrained.save_pretrained(config, canonical_state(model), save_directory,
+    return core_pretrained.save_pretrained(config, canonical_state(model, state_dict), save_directory,
                                            max_shard_size=max_shard_size)
