@@ -79,8 +79,8 @@ def test_trainer_trains_and_what_it_saves_reloads_everywhere(tmp_path: pathlib.P
     model = ViTForImageClassification(config)
     before = mean_loss(model, x, y)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=16, per_device_train_batch_size=8, learning_rate=2e-3,
-        save_strategy="steps", save_steps=8, lr_scheduler_type="constant", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"), max_steps=32, per_device_train_batch_size=8, learning_rate=2e-3,
+        save_strategy="steps", save_steps=16, lr_scheduler_type="constant", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args,
                                    train_dataset=[{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))])
@@ -94,11 +94,11 @@ def test_trainer_trains_and_what_it_saves_reloads_everywhere(tmp_path: pathlib.P
         expected = model.eval()(x[:3]).logits.numpy()
     trainer.save_model()
     parameter_names = set(dict(model.named_parameters()))
-    for step in (8, 16):
+    for step in (16, 32):
         checkpoint = tmp_path / "run" / f"checkpoint-{step}"
         assert set(read_safetensors(checkpoint / "model.safetensors")) == parameter_names
     # the last checkpoint holds the trained weights; Trainer writes no config.json beside them
-    assert_reloads(tmp_path / "run" / "checkpoint-16", expected, sample, config=config)
+    assert_reloads(tmp_path / "run" / "checkpoint-32", expected, sample, config=config)
 
     model.save_pretrained(tmp_path / "saved")
     trainer_style = tmp_path / "trainer-style"
