@@ -109,6 +109,14 @@ class Linear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_key: tuple[int, int, torch.dtype] | None = None
 
+    def train(self, mode: bool = True) -> Linear:
+        """Also drops the packed copy: a fused optimizer step (transformers' Trainer default,
+        ``torch._fused_adamw_``) updates the weight without bumping the version counter the cache
+        key reads, so a cache kept across a training phase could be stale."""
+        self._packed = None
+        self._packed_key = None
+        return super().train(mode)
+
     def onednn_ready(self, x: torch.Tensor) -> bool:
         """Whether the prepacked oneDNN path applies to input ``x``."""
         return (
@@ -266,6 +274,12 @@ class PatchProjection(nn.Conv2d):
 
     _packed: torch.Tensor | None = None
     _packed_key: tuple[int, int, torch.dtype] | None = None
+
+    def train(self, mode: bool = True) -> PatchProjection:
+        """Also drops the packed copy (a fused optimizer step leaves the version counter unchanged; see Linear.train)."""
+        self._packed = None
+        self._packed_key = None
+        return super().train(mode)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not (
