@@ -341,10 +341,19 @@ class ViTEncoder(keras.Layer):
 
 def _recomputed(layer_module: ViTLayer, head_mask: tf.Tensor | None, eager: bool) -> Any:
     """``layer_module`` in training mode as a function of its input whose activations
-    tf.recompute_grad recomputes in the backward pass (gradient checkpointing)."""
+    tf.recompute_grad recomputes in the backward pass (gradient checkpointing).
+
+    The recomputation restarts the layer's dropout streams where the forward pass started them,
+    so it draws the same masks and the gradients equal those without checkpointing.
+    """
+    generators = [layer.seed_generator for layer in layer_module._flatten_layers(include_self=False, recursive=True)
+                  if isinstance(layer, keras.layers.Dropout) and getattr(layer, "seed_generator", None) is not None]
+    start_states = [tf.identity(generator.state.value) for generator in generators]
 
     @tf.recompute_grad
     def run(hidden_states: tf.Tensor) -> tf.Tensor:
+        for generator, state in zip(generators, start_states):
+            generator.state.assign(state)
         return layer_module(hidden_states, head_mask, eager=eager, training=True)[0]
 
     return run
