@@ -289,6 +289,8 @@ class ViTConfig:
         if "num_labels" in overrides and "id2label" not in overrides:
             fields.pop("id2label", None)
             fields.pop("label2id", None)
+        if "id2label" in overrides and "label2id" not in overrides:
+            fields.pop("label2id", None)  # a new head's labels: the checkpoint's label2id names the old ones
         fields.update(overrides)
         return cls(**fields)
 

@@ -14,6 +14,7 @@ Weights are created (and initialised from the canonical table) at construction: 
 
 from __future__ import annotations
 
+import inspect
 import os
 import pathlib
 import random
@@ -288,12 +289,18 @@ class ViTLayer(keras.Layer):
 
 
 class ViTEncoder(keras.Layer):
-    """The stack of ViTLayer (named ``layer.{i}``); collects hidden states and attentions when asked."""
+    """The stack of ViTLayer (named ``layer.{i}``); collects hidden states and attentions when asked.
+
+    With ``gradient_checkpointing`` set and in training mode, each layer runs under
+    ``tf.recompute_grad``: its activations are recomputed in the backward pass instead of kept
+    (attention probabilities are not returned through it, so output_attentions turns it off).
+    """
 
     def __init__(self, config: ViTConfig, *, dtype: str, name: str = "encoder") -> None:
         super().__init__(name=name, dtype=dtype)
         with keras.name_scope(self.name, caller=self):
             self.layer = [ViTLayer(config, dtype=dtype, name=f"layer.{i}") for i in range(config.num_hidden_layers)]
+        self.gradient_checkpointing = False
         self.built = True
 
     def call(
@@ -317,7 +324,11 @@ class ViTEncoder(keras.Layer):
         all_attentions: list[tf.Tensor] = []
         for i, layer_module in enumerate(self.layer):
             layer_head_mask = head_mask[i] if head_mask is not None else None  # (1, heads, 1, 1)
-            hidden_states, attention_probs = layer_module(hidden_states, layer_head_mask, eager=eager, training=training)
+            if self.gradient_checkpointing and training and not output_attentions:
+                hidden_states, attention_probs = _recomputed(layer_module, layer_head_mask, eager)(hidden_states), None
+            else:
+                hidden_states, attention_probs = layer_module(hidden_states, layer_head_mask, eager=eager,
+                                                              training=training)
             all_hidden_states.append(hidden_states)
             if output_attentions and attention_probs is not None:
                 all_attentions.append(attention_probs)
@@ -326,6 +337,26 @@ class ViTEncoder(keras.Layer):
             tuple(all_hidden_states) if output_hidden_states else None,
             tuple(all_attentions) if output_attentions else None,
         )
+
+
+def _recomputed(layer_module: ViTLayer, head_mask: tf.Tensor | None, eager: bool) -> Any:
+    """``layer_module`` in training mode as a function of its input whose activations
+    tf.recompute_grad recomputes in the backward pass (gradient checkpointing).
+
+    The recomputation restarts the layer's dropout streams where the forward pass started them,
+    so it draws the same masks and the gradients equal those without checkpointing.
+    """
+    generators = [layer.seed_generator for layer in layer_module._flatten_layers(include_self=False, recursive=True)
+                  if isinstance(layer, keras.layers.Dropout) and getattr(layer, "seed_generator", None) is not None]
+    start_states = [tf.identity(generator.state.value) for generator in generators]
+
+    @tf.recompute_grad
+    def run(hidden_states: tf.Tensor) -> tf.Tensor:
+        for generator, state in zip(generators, start_states):
+            generator.state.assign(state)
+        return layer_module(hidden_states, head_mask, eager=eager, training=True)[0]
+
+    return run
 
 
 class ViTPooler(keras.Layer):
@@ -354,6 +385,7 @@ class TFViTPreTrainedModel(keras.Model):
     base_model_prefix = "vit"
     main_input_name = "pixel_values"
     task: Task = "base"
+    output_class: type = TFBaseModelOutputWithPooling
 
     def _setup(self, config: ViTConfig, attn_implementation: str | None, seed: int | None) -> int:
         """Store the config and construction options; return the seed (drawn from Python's ``random``,
@@ -483,6 +515,120 @@ class TFViTPreTrainedModel(keras.Model):
         """The outputs a serving signature returns (non-None tensors of the output, no tuples)."""
         return {key: value for key, value in output.items() if isinstance(value, tf.Tensor)}
 
+    # -------------------------------------------------------------------------- Keras training
+    # compile / fit / evaluate / predict as transformers' TF models train: a batch is
+    # (pixel_values, labels) or a dict of call arguments ({"pixel_values": x, "labels": y}); with no
+    # loss given to compile, the model's own loss (outputs.loss, from the labels) is minimised, as
+    # transformers' TFPreTrainedModel.train_step does; with one, it is applied to the main output
+    # (logits, reconstruction or last_hidden_state). Metrics see the labels and the main output.
+    main_output_name = "last_hidden_state"
+
+    def _unpack_batch(self, data: Any) -> tuple[dict[str, Any], Any, Any]:
+        """A dataset element -> (call arguments, labels or None, sample weights or None)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs = dict(x) if isinstance(x, dict) else {self.main_input_name: x}
+        takes_labels = "labels" in inspect.signature(self.call).parameters
+        if takes_labels and y is None:
+            y = inputs.get("labels")
+        if getattr(self, "_compile_loss", None) is not None:
+            inputs.pop("labels", None)  # the compiled loss uses them; the model need not
+        elif takes_labels and y is not None:
+            inputs["labels"] = y
+        return inputs, y, sample_weight
+
+    def _forward(self, inputs: dict[str, Any], training: bool) -> Any:
+        inputs = dict(inputs)
+        return self(inputs.pop(self.main_input_name), **inputs, training=training)
+
+    def _step_loss(self, outputs: Any, y: Any, sample_weight: Any, training: bool) -> tf.Tensor:
+        if getattr(self, "_compile_loss", None) is not None:
+            return self.compute_loss(y=y, y_pred=outputs[self.main_output_name], sample_weight=sample_weight,
+                                     training=training)
+        if outputs.loss is None:
+            raise ValueError(f"{type(self).__name__} was compiled without a loss and computed none: pass labels "
+                             "(a (pixel_values, labels) dataset or a 'labels' key in the input dict) or compile "
+                             "with loss=")
+        loss = tf.cast(outputs.loss, tf.float32)
+        if self.losses:
+            loss = loss + tf.add_n([tf.cast(extra, tf.float32) for extra in self.losses])
+        return loss
+
+    def _track_loss(self, loss: tf.Tensor, inputs: dict[str, Any]) -> None:
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(inputs[self.main_input_name])[0])
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        inputs, y, sample_weight = self._unpack_batch(data)
+        with tf.GradientTape() as tape:
+            outputs = self._forward(inputs, training=True)
+            loss = self._step_loss(outputs, y, sample_weight, training=True)
+            self._track_loss(loss, inputs)
+            scaled_loss = self.optimizer.scale_loss(loss)  # mixed_float16: the LossScaleOptimizer's scale
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled_loss, variables), variables)
+        return self.compute_metrics(None, y, outputs[self.main_output_name], sample_weight=sample_weight)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        inputs, y, sample_weight = self._unpack_batch(data)
+        outputs = self._forward(inputs, training=False)
+        self._track_loss(self._step_loss(outputs, y, sample_weight, training=False), inputs)
+        return self.compute_metrics(None, y, outputs[self.main_output_name], sample_weight=sample_weight)
+
+    def predict_step(self, data: Any) -> dict[str, tf.Tensor]:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        inputs = dict(x) if isinstance(x, dict) else {self.main_input_name: x}
+        inputs.pop("labels", None)
+        return self.serving_outputs(self._forward(inputs, training=False))
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = "auto", steps: int | None = None,
+                callbacks: Any = None) -> Any:
+        """keras.Model.predict, returning the model's output class with numpy arrays (as transformers'
+        TF predict does): ``model.predict(x).logits`` or ``model.predict(x)["logits"]``."""
+        arrays = super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        return self.output_class(**arrays)
+
+    # -------------------------------------------------------------------------- Keras serialisation
+    def get_config(self) -> dict[str, Any]:
+        """What ``from_config`` needs (model.save("m.keras") / keras.models.load_model): the ViTConfig
+        as a dict, the dtype policy name, the attention implementation and the name."""
+        return {"config": self.config.to_dict(), "attn_implementation": self.attn_implementation,
+                "dtype": self.dtype_policy.name, "name": self.name, **self._architecture_options()}
+
+    def _architecture_options(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TFViTPreTrainedModel:
+        config = dict(config)
+        vit_config = config.pop("config")
+        if isinstance(vit_config, dict):
+            vit_config = ViTConfig.from_dict(vit_config)
+        return cls(vit_config, **config)
+
+    # -------------------------------------------------------------------------- gradient checkpointing
+    def _encoders(self) -> list[ViTEncoder]:
+        return [layer for layer in self._flatten_layers(include_self=False, recursive=True)
+                if isinstance(layer, ViTEncoder)]
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(encoder.gradient_checkpointing for encoder in self._encoders())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each encoder layer in the backward pass (training mode only; tf.recompute_grad).
+
+        ``gradient_checkpointing_kwargs`` is accepted for transformers' signature; it may hold
+        ``use_reentrant`` (meaningless in TensorFlow, ignored)."""
+        options = dict(gradient_checkpointing_kwargs or {})
+        options.pop("use_reentrant", None)
+        if options:
+            raise ValueError(f"gradient_checkpointing_kwargs accepts only 'use_reentrant', got {sorted(options)}")
+        for encoder in self._encoders():
+            encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for encoder in self._encoders():
+            encoder.gradient_checkpointing = False
+
     # -------------------------------------------------------------------------- shared forward parts
     def _prepare_pixel_values(self, pixel_values: Any, interpolate_pos_encoding: bool) -> tuple[tf.Tensor, int, int]:
         """Validate (vit_core.validation) and cast to the compute dtype; returns the tensor and its grid."""
@@ -493,6 +639,7 @@ class TFViTPreTrainedModel(keras.Model):
         return tf.cast(pixel_values, self.compute_dtype), gh, gw
 
 
+@keras.saving.register_keras_serializable(package="vitx")
 class TFViTModel(TFViTPreTrainedModel):
     """The bare ViT: embeddings, encoder, final layernorm and an optional pooler.
 
@@ -502,6 +649,7 @@ class TFViTModel(TFViTPreTrainedModel):
     """
 
     task: Task = "base"
+    output_class = TFBaseModelOutputWithPooling
 
     def __init__(
         self,
@@ -529,6 +677,9 @@ class TFViTModel(TFViTPreTrainedModel):
     def canonical_table(self) -> list[WeightSpec]:
         return weight_table(self.config, "base", add_pooling_layer=self.pooler is not None,
                             use_mask_token=self.embeddings.mask_token is not None)
+
+    def _architecture_options(self) -> dict[str, Any]:
+        return {"add_pooling_layer": self.pooler is not None, "use_mask_token": self.embeddings.mask_token is not None}
 
     @classmethod
     def from_pretrained(
@@ -614,6 +765,7 @@ class TFViTModel(TFViTPreTrainedModel):
         return tf.reshape(head_mask, (layers, 1, heads, 1, 1))
 
 
+@keras.saving.register_keras_serializable(package="vitx")
 class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
     """ViT with the SimMIM decoder: a 1x1 convolution to encoder_stride² * channels, then a pixel shuffle.
 
@@ -621,6 +773,8 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
     """
 
     task: Task = "mim"
+    output_class = TFMaskedImageModelingOutput
+    main_output_name = "reconstruction"
 
     def __init__(
         self,
@@ -693,6 +847,7 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+@keras.saving.register_keras_serializable(package="vitx")
 class TFViTForImageClassification(TFViTPreTrainedModel):
     """ViT with a linear classifier on the final-layernormed CLS token (identity when num_labels == 0).
 
@@ -701,6 +856,8 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
     """
 
     task: Task = "classification"
+    output_class = TFImageClassifierOutput
+    main_output_name = "logits"
 
     def __init__(
         self,
@@ -784,12 +941,19 @@ def classification_loss(logits: tf.Tensor, labels: Any, config: ViTConfig) -> tf
 
 # ------------------------------------------------------------------------------ small helpers
 def resolve_dtype(dtype: str | tf.DType | np.dtype | None) -> str:
-    """float32 (default), bfloat16 or float16, from a name (vit_core.options.dtype_name: "bfloat16",
+    """float32, bfloat16 or float16, from a name (vit_core.options.dtype_name: "bfloat16",
     "bf16", "tf.float16"), a tf.DType or a numpy dtype. Weights are stored and computed in it;
-    LayerNorm and softmax run in float32."""
+    LayerNorm and softmax run in float32.
+
+    "mixed_bfloat16" / "mixed_float16" (Keras mixed precision: float32 variables, computation in the
+    half type) are kept as Keras policy names. ``None`` is Keras' global policy
+    (``keras.mixed_precision.set_global_policy``; float32 unless set).
+    """
     if dtype is None:
-        return "float32"
+        dtype = keras.config.dtype_policy().name
     if isinstance(dtype, str):
+        if dtype in MIXED_POLICIES:
+            return dtype
         return dtype_name(dtype)
     if isinstance(dtype, tf.DType):
         name = dtype.name
@@ -801,6 +965,9 @@ def resolve_dtype(dtype: str | tf.DType | np.dtype | None) -> str:
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
     return name
+
+
+MIXED_POLICIES = ("mixed_bfloat16", "mixed_float16")
 
 
 def _static_shape(tensor: tf.Tensor, what: str, dynamic_ok: tuple[int, ...] = ()) -> tuple[int, ...]:
