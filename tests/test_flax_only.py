@@ -23,7 +23,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import vit_flax  # noqa: E402
-from vit_core.reference import forward as reference_forward  # noqa: E402
 from vit_core.reference import patch_embed as np_patch_embed  # noqa: E402
 from vit_core.tolerances import TOLERANCES  # noqa: E402
 from vit_core.weights import weight_table  # noqa: E402
@@ -37,7 +36,7 @@ from vit_flax import (  # noqa: E402
 from vit_flax import layers  # noqa: E402
 
 from .backends import BACKENDS_BY_NAME, transformers_flax_supports  # noqa: E402
-from .cases import CASES, TINY, Case, make_inputs, make_state  # noqa: E402
+from .cases import CASES, TINY, Case, make_inputs, reference  # noqa: E402
 
 SMALL = TOLERANCES["small"]
 BF16_LOGITS = TOLERANCES["bfloat16_vs_float32_logits"]
@@ -55,14 +54,6 @@ def _pin_precision() -> Any:
 def build(case: Case, state: dict[str, np.ndarray] | None = None, **kwargs: Any) -> Any:
     """The case's vit_flax model with the case's seeded canonical weights."""
     return BACKEND.build(case, state, **kwargs)
-
-
-def reference(case: Case) -> dict[str, Any]:
-    inputs = make_inputs(case)
-    extra = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    return reference_forward(make_state(case), case.vit_config, inputs["pixel_values"], case.task,
-                             interpolate_pos_encoding=case.interpolate_pos_encoding,
-                             add_pooling_layer=case.add_pooling_layer, **extra)
 
 
 # ------------------------------------------------------------------------------ transformers Flax's tree

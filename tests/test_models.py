@@ -14,7 +14,6 @@ What exists in one framework only is in tests/test_torch_only.py, test_tf_only.p
 
 from __future__ import annotations
 
-import functools
 import importlib
 import itertools
 import os
@@ -27,7 +26,6 @@ import pytest
 
 from vit_core import ViTConfig
 from vit_core.activations import ACTIVATIONS as NP_ACTIVATIONS
-from vit_core.reference import forward as reference_forward
 from vit_core.reference import layer_norm as np_layer_norm
 from vit_core.reference import patch_embed as np_patch_embed
 from vit_core.reference import pixel_shuffle as np_pixel_shuffle
@@ -60,6 +58,7 @@ from .cases import (
     make_inputs,
     make_state,
     max_diffs,
+    reference,
     seeded_state,
 )
 
@@ -79,21 +78,6 @@ def by_backend(**kwargs: Any) -> Any:
 by_case = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 # (backend, path) pairs: each backend's own PATHS
 BACKEND_PATHS = [pytest.param(b, p, id=f"{b.name}-{p.name}") for b in BACKENDS for p in b.paths]
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(name: str) -> dict[str, Any]:
-    case = CASES_BY_NAME[name]
-    inputs = make_inputs(case)
-    extra = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    return reference_forward(make_state(case), case.vit_config, inputs["pixel_values"], case.task,
-                             interpolate_pos_encoding=case.interpolate_pos_encoding,
-                             add_pooling_layer=case.add_pooling_layer, **extra)
-
-
-def reference(case: Case) -> dict[str, Any]:
-    """The float64 reference outputs of a case (computed once per case)."""
-    return _reference(case.name)
 
 
 def seeded(backend: Backend, config: ViTConfig, task: str, **table_kwargs: bool) -> Any:

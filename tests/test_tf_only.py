@@ -19,7 +19,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from vit_core.reference import forward as reference_forward  # noqa: E402
 from vit_core.resample import resample_position_embeddings  # noqa: E402
 from vit_core.tolerances import TOLERANCES  # noqa: E402
 from vit_tf import (  # noqa: E402
@@ -32,7 +31,9 @@ from vit_tf import (  # noqa: E402
 from vit_tf import layers  # noqa: E402
 
 from .backends import BACKENDS_BY_NAME  # noqa: E402
-from .cases import CASES, TINY, Case, assert_close, forward_options, make_inputs, make_state, max_diffs  # noqa: E402
+from .cases import (  # noqa: E402
+    CASES, TINY, Case, assert_close, forward_options, make_inputs, max_diffs, reference,
+)
 
 SMALL = TOLERANCES["small"]
 BACKEND = BACKENDS_BY_NAME["tf"]
@@ -47,14 +48,6 @@ def build(case: Case, state: dict[str, np.ndarray] | None = None, **kwargs: Any)
 
 def as_numpy(output: Any) -> dict[str, Any]:
     return BACKEND.outputs_to_numpy(output)
-
-
-def reference(case: Case) -> dict[str, Any]:
-    inputs = make_inputs(case)
-    extra = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    return reference_forward(make_state(case), case.vit_config, inputs["pixel_values"], case.task,
-                             interpolate_pos_encoding=case.interpolate_pos_encoding,
-                             add_pooling_layer=case.add_pooling_layer, **extra)
 
 
 # ------------------------------------------------------------------------------ XLA and tf.function
