@@ -24,7 +24,7 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 CACHE_DIR = RESULTS_DIR / "cache"
 
-# ViT sizes measured (FORMATS.md section 8): (hidden, layers, heads, mlp, image, patch). "tiny" is
+# ViT sizes measured (docs/FORMATS.md section 8): (hidden, layers, heads, mlp, image, patch). "tiny" is
 # the --quick smoke test's model. num_labels 1000 as the ImageNet checkpoints; layer_norm_eps 1e-6
 # (timm's and the JAX originals'; transformers' models read it from config.json).
 MODEL_SPECS: dict[str, dict[str, int]] = {

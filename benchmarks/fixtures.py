@@ -5,7 +5,7 @@ For each model (``benchmarks/results/cache/<B16>/``):
 - ``config.json`` + ``model.safetensors``: a seeded ViTForImageClassification checkpoint written by
   vit_core.pretrained.save_pretrained (transformers 4.x names, float32). vitx, transformers 5.x
   and transformers 4.57 TF / Flax all load this same directory with their own from_pretrained.
-- ``timm.safetensors``: the same weights in timm's names (fused qkv), FORMATS.md section 5.
+- ``timm.safetensors``: the same weights in timm's names (fused qkv), docs/FORMATS.md section 5.
 - ``pixels.npy``: 32 seeded images (32, 3, H, W) float32 in [-1, 1] (the range of ViT's
   normalised pixels); a batch of b takes the first b, so image 0 is the same in every cell.
 - ``reference_logits.npy``: vit_core.reference.forward (float64 numpy) logits of image 0, the
@@ -45,7 +45,7 @@ def seeded_state(config, seed: int = 0) -> dict[str, np.ndarray]:  # config: vit
 
 def to_timm_state(state: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
     """Canonical (transformers 4.x) names -> timm VisionTransformer names, query/key/value fused
-    row-wise into ``attn.qkv`` (FORMATS.md section 5, the reverse direction)."""
+    row-wise into ``attn.qkv`` (docs/FORMATS.md section 5, the reverse direction)."""
     p = "vit."
     out = {
         "cls_token": state[f"{p}embeddings.cls_token"],

@@ -11,7 +11,7 @@ RATIO_TARGET = {"torch/float32": 2.0}   # PyTorch float32: the oneDNN prepacked 
 RATIO_TARGET_DEFAULT = 1.2              # every other framework and dtype
 MFU_TARGET = {"float32": 0.85, "bfloat16": 0.75}  # ViT-B/16 batch 32
 MFU_CELL = ("B/16", 32)
-FP32_LOGITS_BOUND = 1e-4                # NUMERICS.md, ViT-B/16-size logits vs the float64 reference
+FP32_LOGITS_BOUND = 1e-4                # docs/NUMERICS.md, ViT-B/16-size logits vs the float64 reference
 BF16_LOGITS_BOUND = 1e-1                # issue #6: bfloat16 logits vs float32 / reference
 GEMM_FOR = {"torch": "torch", "tf": "tf", "flax": "xla"}
 

@@ -6,7 +6,7 @@
 
 Each (mode, attention path) reports the first call (trace + compile + one run) separately from the
 steady state: images/second from the median of ``--iters`` calls after two warm-up calls. Weights
-are seeded, not trained: speed does not depend on their values. TF32 is off (NUMERICS.md), which
+are seeded, not trained: speed does not depend on their values. TF32 is off (docs/NUMERICS.md), which
 changes nothing on CPU.
 """
 

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frameworks", nargs="+", type=_framework_list, default=[["torch", "tf", "flax"]],
                    help="frameworks to compare, space- or comma-separated: torch tf flax reference "
                         "(default: torch tf flax)")
-    p.add_argument("--atol", type=float, help="max |diff| allowed (default: NUMERICS.md bound for the model)")
+    p.add_argument("--atol", type=float, help="max |diff| allowed (default: docs/NUMERICS.md bound for the model)")
     p.add_argument("--layers", action="store_true", help="compare every hidden state, name the first diverging layer")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")

@@ -198,7 +198,7 @@ def _parse_perturb(perturb: Mapping[str, Any] | None) -> dict[str, tuple[str, fl
 
 
 def default_atol(config: ViTConfig, real_images: bool) -> tuple[float, str]:
-    """NUMERICS.md: 1e-5 for small test configs, 1e-4 for ViT-B-sized models on real images."""
+    """docs/NUMERICS.md: 1e-5 for small test configs, 1e-4 for ViT-B-sized models on real images."""
     if config.hidden_size >= 384 and real_images:
         return TOLERANCES["base_real_images"], "base_real_images"
     return TOLERANCES["small"], "small"

@@ -1,7 +1,7 @@
 """Run one canonical checkpoint in vit_torch, vit_tf, vit_flax (or the float64 numpy reference).
 
 Each framework is imported only here, inside the call that needs it, with its precision pinned
-as NUMERICS.md asks (TF32 off in torch and TF; JAX matmuls at "highest").
+as docs/NUMERICS.md asks (TF32 off in torch and TF; JAX matmuls at "highest").
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ tests/fixtures/timm/
                                   LayerScale, qk-norm, fc_norm/avg, norm_pre, MAP, no class token)
 tests/fixtures/npz/
   jax.npz                         original Google JAX layout (pre-Linen numbering), built from
-                                  FORMATS.md section 6 (not from vitx's converter)
+                                  docs/FORMATS.md section 6 (not from vitx's converter)
   jax_in21k.npz                   same backbone + pre_logits + an all-zero in21k-style head
   big_vision.npz                  big_vision layout: params/ prefix, scanned blocks, no CLS row
   outputs.npz                     timm's forward after timm's own npz loader (_load_weights) read
@@ -152,7 +152,7 @@ def timm_state_dict_fixtures(torch: Any, timm: Any, pixel_values: Any) -> None:
 
 
 def jax_arrays(rng: np.random.Generator, block_names: tuple[str, str, str, str]) -> dict[str, np.ndarray]:
-    """An original-JAX-layout ViT, straight from FORMATS.md section 6 (no prefix)."""
+    """An original-JAX-layout ViT, straight from docs/FORMATS.md section 6 (no prefix)."""
     ln0, mha, ln1, mlp = block_names
     a: dict[str, np.ndarray] = {
         "embedding/kernel": (rng.standard_normal((PATCH, PATCH, 3, D)) / np.sqrt(PATCH * PATCH * 3)),

@@ -235,7 +235,7 @@ class TorchBackend(Backend):
         vit_torch = super().require()
         import torch
 
-        # NUMERICS.md: no TF32 anywhere (only matters on GPU; pinned so the bound means the same)
+        # docs/NUMERICS.md: no TF32 anywhere (only matters on GPU; pinned so the bound means the same)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         return vit_torch
@@ -397,7 +397,7 @@ class TFBackend(Backend):
         vit_tf = super().require()
         import tensorflow as tf
 
-        # NUMERICS.md: no TF32 (only matters on GPU; pinned so the bound means the same everywhere)
+        # docs/NUMERICS.md: no TF32 (only matters on GPU; pinned so the bound means the same everywhere)
         tf.config.experimental.enable_tensor_float_32_execution(False)
         return vit_tf
 

@@ -1,4 +1,4 @@
-"""Pin precision for every framework before any test runs (NUMERICS.md)."""
+"""Pin precision for every framework before any test runs (docs/NUMERICS.md)."""
 
 import os
 

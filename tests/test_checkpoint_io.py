@@ -3,7 +3,7 @@
 Oracle cases save transformers' PyTorch models (and the TF / Flax models converted from them with
 ``from_pt=True``) in each format transformers writes and require ``read_state_dict`` to give back
 exactly (bitwise, same dtype) the PyTorch model's ``state_dict``. Round trips write with this module
-and load with transformers (same outputs as the PyTorch model, NUMERICS.md bound 1e-5) or read
+and load with transformers (same outputs as the PyTorch model, docs/NUMERICS.md bound 1e-5) or read
 back bitwise. The rest is table-driven: hostile and broken files, base/task fitting, the hub cache.
 """
 
@@ -46,11 +46,11 @@ D, LAYERS, M, P, C, T, K, STRIDE = 32, 2, 37, 8, 3, 17, 3, 8
 TINY = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=M, image_size=32,
             patch_size=P, encoder_stride=STRIDE, num_labels=K)
 TASKS = ("base", "cls", "mim")
-ATOL = 1e-5  # NUMERICS.md: every output, small configs, any two frameworks
+ATOL = 1e-5  # docs/NUMERICS.md: every output, small configs, any two frameworks
 
 
 # --------------------------------------------------------------------------------------------
-# Canonical states without any framework (FORMATS.md section 1)
+# Canonical states without any framework (docs/FORMATS.md section 1)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """conversion: every source format in, every format out, bitwise round trips, refusals, failures.
 
 Sources are the committed fixtures made by scripts/make_timm_fixture.py with the real timm
-(timm's own save_for_hf; npz files built from FORMATS.md and read by timm's own npz loader as the
+(timm's own save_for_hf; npz files built from docs/FORMATS.md and read by timm's own npz loader as the
 oracle), plus variants built here from them by the documented renames. Framework runs are in
 test_conversion_parity.py; transformers-made checkpoints in test_conversion_transformers.py.
 """
@@ -30,7 +30,7 @@ from .cases import assert_close
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 TIMM = FIXTURES / "timm"
 NPZ = FIXTURES / "npz"
-BOUND = 1e-5  # NUMERICS.md: small configs
+BOUND = 1e-5  # docs/NUMERICS.md: small configs
 
 
 def read_raw_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -64,13 +64,13 @@ def assert_bitwise(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources built from the fixtures by FORMATS.md renames
+# Sources built from the fixtures by docs/FORMATS.md renames
 # ---------------------------------------------------------------------------------------------
 
 
 def make_jax_linen(tmp: pathlib.Path) -> pathlib.Path:
     """jax.npz with the Linen numbering (MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0)
-    under an opt/target/ prefix (FORMATS.md section 6)."""
+    under an opt/target/ prefix (docs/FORMATS.md section 6)."""
     arrays = read_raw(NPZ / "jax.npz")
     renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
                "MlpBlock_3": "MlpBlock_0"}

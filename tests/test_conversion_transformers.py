@@ -130,7 +130,7 @@ def test_timm_and_npz_sources_run_in_transformers(tmp_path: pathlib.Path) -> Non
 
 
 def test_5x_names_are_read(made, tmp_path: pathlib.Path) -> None:
-    """A state dict saved with transformers 5.9+ names (FORMATS.md section 2) reads to 4.x names."""
+    """A state dict saved with transformers 5.9+ names (docs/FORMATS.md section 2) reads to 4.x names."""
     from safetensors.numpy import save_file
 
     from vit_core.checkpoint import to_new_names

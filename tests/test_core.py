@@ -17,7 +17,7 @@ from vit_core.weights import weight_table
 
 from .cases import CASES, TINY, Case, make_inputs, make_state
 
-# FORMATS.md section 8: backbone without pooler / with pooler / with a 1000-class head.
+# docs/FORMATS.md section 8: backbone without pooler / with pooler / with a 1000-class head.
 PARAMETER_COUNTS = [
     ("Ti/16", 5_524_416, 5_561_472, 5_717_416),
     ("S/16", 21_665_664, 21_813_504, 22_050_664),
@@ -161,7 +161,7 @@ TRANSFORMERS_CASES = [c for c in CASES if transformers_supports(c)]
 
 @pytest.mark.parametrize("case", TRANSFORMERS_CASES, ids=lambda c: c.name)
 def test_reference_matches_transformers(case: Case) -> None:
-    """The float64 reference and transformers' PyTorch ViT (eager) agree at the NUMERICS.md bound."""
+    """The float64 reference and transformers' PyTorch ViT (eager) agree at the docs/NUMERICS.md bound."""
     torch = pytest.importorskip("torch")
     from .cases import assert_close, forward_options, max_diffs
 

@@ -46,7 +46,7 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 
 @pytest.fixture(autouse=True)
 def _pin_precision() -> Any:
-    """NUMERICS.md: float32 matmuls at full precision (conftest sets the environment default too)."""
+    """docs/NUMERICS.md: float32 matmuls at full precision (conftest sets the environment default too)."""
     with jax.default_matmul_precision("highest"):
         yield
 

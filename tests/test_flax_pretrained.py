@@ -411,7 +411,7 @@ def test_hub_id_from_offline_cache_honours_revision(tmp_path: pathlib.Path, monk
 @pytest.mark.slow
 def test_vit_base_on_real_photos_matches_reference_and_transformers(transformers: Any) -> None:
     """Seeded ViT-B/16 at 224 on two bundled photos: logits and last_hidden_state against the
-    float64 reference and transformers' PyTorch ViT, within the NUMERICS.md real-image bound."""
+    float64 reference and transformers' PyTorch ViT, within the docs/NUMERICS.md real-image bound."""
     import torch
     from PIL import Image
 

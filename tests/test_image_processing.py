@@ -3,7 +3,7 @@
 The oracle is transformers' processor with do_convert_rgb=True (its default fails on grayscale,
 RGBA, palette and 16-bit images; for RGB images the flag changes nothing). Inputs it cannot read
 (2-D arrays, RGBA arrays) are compared with the oracle on the RGB array that Pillow's
-convert("RGB") would give. Bound: max |diff| <= 1e-6 (spec/NUMERICS.md); the fast processor:
+convert("RGB") would give. Bound: max |diff| <= 1e-6 (docs/NUMERICS.md); the fast processor:
 max |diff| <= 0.1 and mean |diff| <= 5e-3 against the slow one.
 """
 
@@ -37,7 +37,7 @@ from vit_core.tolerances import TOLERANCES
 
 IMAGES_DIR = pathlib.Path(__file__).parent / "fixtures" / "images"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "camera.png", "rocket.jpg")
-ATOL = TOLERANCES["image_processor"]  # against transformers' slow processor (NUMERICS.md)
+ATOL = TOLERANCES["image_processor"]  # against transformers' slow processor (docs/NUMERICS.md)
 FAST_MAX, FAST_MEAN = TOLERANCES["fast_image_processor_max"], TOLERANCES["fast_image_processor_mean"]
 
 

@@ -7,7 +7,7 @@ against transformers 4.57.6 (PyTorch, TF through tf_keras, Flax) where it has th
 behaviour every framework shares: canonical parameter table, bitwise state round trips in every
 dtype, strict loading, init statistics, errors, outputs and labels, dropout, reduced precision,
 the layer primitives against the numpy reference, and packaging. Bounds come from
-vit_core/tolerances.py (NUMERICS.md) and are never loosened.
+vit_core/tolerances.py (docs/NUMERICS.md) and are never loosened.
 
 What exists in one framework only is in tests/test_torch_only.py, test_tf_only.py, test_flax_only.py.
 """
@@ -128,7 +128,7 @@ def test_fused_matches_eager(backend: Backend, case: Case) -> None:
 @by_case
 @by_backend()
 def test_fused_matches_eager_bfloat16(backend: Backend, case: Case) -> None:
-    """bfloat16 fused vs eager at the 1e-2 bound of NUMERICS.md.
+    """bfloat16 fused vs eager at the 1e-2 bound of docs/NUMERICS.md.
 
     Weights are checkpoint-scale init weights (cases.init_state: hidden states |h| <~ 1) rather
     than the case table's deliberately large ones (|h| ~ 5, where one bfloat16 step is 0.03 and
@@ -320,7 +320,7 @@ def test_random_init_follows_the_table(backend: Backend, task: str) -> None:
 @by_backend()
 def test_reduced_precision_runs_and_stays_close(backend: Backend, dtype: str) -> None:
     """Weights stored and computed in bf16 / fp16 (on float32 inputs) keep the float32 logits
-    within the NUMERICS.md bf16-vs-fp32 bound with the same top class; eager attention maps are
+    within the docs/NUMERICS.md bf16-vs-fp32 bound with the same top class; eager attention maps are
     softmaxed in float32 (rows sum to 1 before the cast)."""
     case = CASES_BY_NAME["cls"]
     weights = init_state(case)

@@ -1,4 +1,4 @@
-"""The inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
+"""The inference fast paths of issue #6 really run, and keep parity (docs/NUMERICS.md bounds).
 
 vit_torch: in eval mode with autograd off, every Linear multiplies by a oneDNN-prepacked weight
 (torch.ops.mkldnn._linear_pointwise), the MLP's GELU and its residual add ride in the GEMM, the

@@ -1,4 +1,4 @@
-"""The vit_flax inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
+"""The vit_flax inference fast paths of issue #6 really run, and keep parity (docs/NUMERICS.md bounds).
 
 vit_flax on CPU: a large inference batch runs through the encoder as sub-batches (one lax.map),
 attention is written with (batch, heads) leading, and bfloat16 dots ask XLA for a float32 result
@@ -61,7 +61,7 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(monkeypatch: pyt
     whole = jax.jit(lambda m, x: m.forward(x, output_hidden_states=True).last_hidden_state)(model, x)
     assert traced == [5, 5]  # per-layer outputs asked: one batch
     # each image's computation is the same, but XLA may block dots of other row counts differently
-    # (measured 1.1e-6 here): the NUMERICS.md float32 bound, against each other and the reference
+    # (measured 1.1e-6 here): the docs/NUMERICS.md float32 bound, against each other and the reference
     assert np.abs(np.asarray(split) - np.asarray(whole)).max() <= TOLERANCES["small"]
     expected = reference_forward(state, TINY_CASE.vit_config, x)["last_hidden_state"]
     assert np.abs(np.asarray(split, dtype=np.float64) - expected).max() <= TOLERANCES["small"]

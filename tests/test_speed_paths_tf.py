@@ -1,4 +1,4 @@
-"""The vit_tf inference fast paths of issue #6 really run, and keep parity (NUMERICS.md bounds).
+"""The vit_tf inference fast paths of issue #6 really run, and keep parity (docs/NUMERICS.md bounds).
 
 vit_tf: a large inference batch of static size runs through the encoder as sub-batches (eager,
 tf.function and XLA alike); tests/test_models.py runs the whole case table (tf backend) through the fused path

@@ -38,7 +38,7 @@ from .cases import (  # noqa: E402
 SMALL = TOLERANCES["small"]
 BACKEND = BACKENDS_BY_NAME["tf"]
 CASES_BY_NAME = {case.name: case for case in CASES}
-BACKEND.require()  # NUMERICS.md: no TF32
+BACKEND.require()  # docs/NUMERICS.md: no TF32
 
 
 def build(case: Case, state: dict[str, np.ndarray] | None = None, **kwargs: Any) -> Any:

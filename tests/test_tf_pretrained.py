@@ -1,7 +1,7 @@
 """vit_tf checkpoints: from_pretrained / save_pretrained across every file kind, transformers (PyTorch
 and TF) as the oracle writer and reader, SavedModel export, and ViT-B/16 on real photos.
 
-Every loaded model is checked by its outputs (NUMERICS.md bound 1e-5 against another framework;
+Every loaded model is checked by its outputs (docs/NUMERICS.md bound 1e-5 against another framework;
 bitwise against itself), never only by "it loaded".
 """
 
@@ -300,7 +300,7 @@ def test_export_saved_model_round_trip(case: Case, tmp_path: pathlib.Path) -> No
 @pytest.mark.slow
 def test_vit_base_on_real_photos_matches_reference_and_transformers() -> None:
     """Seeded ViT-B/16 at 224 on two bundled photos: logits and last_hidden_state vs the float64
-    reference (first photo) and transformers' PyTorch ViT within the NUMERICS.md real-image bound
+    reference (first photo) and transformers' PyTorch ViT within the docs/NUMERICS.md real-image bound
     (1e-4); the fused and eager attention paths within 1e-5."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

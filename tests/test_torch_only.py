@@ -42,7 +42,7 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 
 @pytest.fixture(autouse=True)
 def _pin_precision() -> None:
-    """NUMERICS.md: no TF32 anywhere (it only matters on GPU; pinned so the bound means the same)."""
+    """docs/NUMERICS.md: no TF32 anywhere (it only matters on GPU; pinned so the bound means the same)."""
     BACKEND.require()
 
 
@@ -207,7 +207,7 @@ def test_state_dict_order_is_the_table_order() -> None:
 @pytest.mark.slow
 def test_vit_base_on_real_photo_matches_transformers() -> None:
     """Seeded ViT-B/16 at 224 on a bundled photo: logits and last_hidden_state vs the float64
-    reference and transformers (eager and sdpa) within the NUMERICS.md real-image bound."""
+    reference and transformers (eager and sdpa) within the docs/NUMERICS.md real-image bound."""
     transformers = pytest.importorskip("transformers")
     images = sorted(FIXTURE_IMAGES.glob("*.png")) + sorted(FIXTURE_IMAGES.glob("*.jpg"))
     if not images:

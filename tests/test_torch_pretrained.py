@@ -62,7 +62,7 @@ def main_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_outputs_match(ours: torch.nn.Module, theirs: torch.nn.Module, what: str) -> None:
-    """Same weights, same input: vit_torch vs transformers within the NUMERICS.md bound. (Not
+    """Same weights, same input: vit_torch vs transformers within the docs/NUMERICS.md bound. (Not
     bitwise: vit_torch's inference Linear runs oneDNN's GEMM, transformers' F.linear runs MKL's;
     the weights themselves are compared bit for bit by assert_same_state.)"""
     x = pixels()
@@ -199,7 +199,7 @@ def test_tf_and_flax_checkpoints_load(tmp_path: pathlib.Path, transformers: Any,
 
 
 # ------------------------------------------------------------------------------ transformers 5.9+ names
-# FORMATS.md section 2, applied in this order (written out here, independent of vit_core's rules).
+# docs/FORMATS.md section 2, applied in this order (written out here, independent of vit_core's rules).
 NEW_NAMES = [
     (r"encoder\.layer\.", "layers."),
     (r"attention\.attention\.query", "attention.q_proj"),

@@ -1,7 +1,7 @@
 """ViTImageProcessor: transformers' slow ViT image processor, reproduced on numpy + Pillow.
 
 The numbers are those of transformers 4.x ``ViTImageProcessor`` (the test oracle, matched to
-max |diff| <= 1e-6 on real photos, see spec/NUMERICS.md). Per image, in order:
+max |diff| <= 1e-6 on real photos, see docs/NUMERICS.md). Per image, in order:
 
 1. to an (height, width, channels) array: PIL images that are not RGB go through Pillow's
    ``convert("RGB")``; arrays (numpy, torch, tf, jax) are read as numpy, their channel axis is

@@ -1,4 +1,4 @@
-"""The tolerance table of NUMERICS.md, in one place: tests and the parity report read it here.
+"""The tolerance table of docs/NUMERICS.md, in one place: tests and the parity report read it here.
 
 Max |diff| bounds in float32 on CPU. Never loosen one to make a test pass: find the term that differs.
 """

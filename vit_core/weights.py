@@ -1,6 +1,6 @@
 """The canonical weight table: every parameter of a ViT model, by name, shape and kind.
 
-Canonical names and layouts are transformers 4.x PyTorch's (FORMATS.md section 1): Linear
+Canonical names and layouts are transformers 4.x PyTorch's (docs/FORMATS.md section 1): Linear
 weights (out, in), the patch convolution (D, C, P, P). This table is the single source of truth:
 each framework's ``weights.py`` converts by ``kind`` only, and each framework's attribute path of
 a parameter is its canonical name.

@@ -9,7 +9,7 @@ The CPU speed paths live here too, so modeling.py reads as the architecture: bfl
 float32 results, attention with (batch, heads) leading, and sub-batching of large batches. Each
 computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 
-Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, FORMATS.md section 4):
+Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, docs/FORMATS.md section 4):
 ``Linear.kernel`` (in, out), ``Conv2d.kernel`` (kh, kw, in, out), ``LayerNorm.scale``. The one
 rule mapping them to canonical names lives in ``vit_flax.weights``.
 """

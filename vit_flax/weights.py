@@ -3,7 +3,7 @@
 The canonical weight table (vit_core.weights) names every parameter with its transformers 4.x
 PyTorch name and layout. In this framework the attribute path of each parameter is that name
 with one declared rule for the leaf (``LEAF_NAMES``: a Linear or Conv ``weight`` is Flax's
-``kernel``, a LayerNorm ``weight`` is ``scale``; FORMATS.md section 4, transformers' Flax
+``kernel``, a LayerNorm ``weight`` is ``scale``; docs/FORMATS.md section 4, transformers' Flax
 names), and the layout changes by kind only (``LAYOUTS``): Linear kernels are (in, out), Conv
 kernels (kh, kw, in, out). So ``nnx.state(model)`` has the tree of a transformers
 flax_model.msgpack.

@@ -100,7 +100,7 @@ class Linear(nn.Linear):
     (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied by
     ``torch.ops.mkldnn._linear_pointwise``, which outruns the MKL sgemm that ``F.linear`` runs on
     AVX-512 CPUs (measured in benchmarks/RESULTS.md). Still a float32 GEMM (another blocking
-    of the same sums: differences ~1e-7 relative, well inside NUMERICS.md's bounds). The packed
+    of the same sums: differences ~1e-7 relative, well inside docs/NUMERICS.md's bounds). The packed
     copy is a plain attribute (never in the state dict), rebuilt whenever the weight's storage,
     version counter (in-place edits, load_state_dict) or dtype changes. Training and autograd use
     ``F.linear``.

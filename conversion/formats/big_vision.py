@@ -1,4 +1,4 @@
-"""big_vision ViT checkpoints (FORMATS.md section 7).
+"""big_vision ViT checkpoints (docs/FORMATS.md section 7).
 
 Like the original JAX files with the Linen numbering, under a ``params/`` prefix (``params/img/``
 for the image tower of two-tower models such as LiT / SigLIP; the other towers are ignored, and

@@ -1,4 +1,4 @@
-"""Original Google JAX ViT checkpoints (FORMATS.md section 6): ``ViT-B_16.npz``, AugReg files.
+"""Original Google JAX ViT checkpoints (docs/FORMATS.md section 6): ``ViT-B_16.npz``, AugReg files.
 
 A flat npz with '/'-joined Flax parameter paths, kernels in (in, out) order, attention kernels
 split by head ((D, H, hd) and (H, hd, D)). Two numberings of the block's sub-modules exist:

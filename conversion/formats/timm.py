@@ -1,4 +1,4 @@
-"""timm VisionTransformer state dicts (FORMATS.md section 5): ``.pth`` / ``.bin`` / ``.safetensors``.
+"""timm VisionTransformer state dicts (docs/FORMATS.md section 5): ``.pth`` / ``.bin`` / ``.safetensors``.
 
 One fused ``attn.qkv`` Linear per block (rows [0:D] query, [D:2D] key, [2D:3D] value), split
 into three canonical Linears and merged back on writing. timm's ViTs use LayerNorm eps 1e-6 and

@@ -1,4 +1,4 @@
-"""transformers 4.x checkpoints in all their files (FORMATS.md sections 1-4), through vit_core's
+"""transformers 4.x checkpoints in all their files (docs/FORMATS.md sections 1-4), through vit_core's
 checkpoint layer.
 
 Reading is ``vit_core.checkpoint.files.read_lazy_state`` (every container, sharded or not, with

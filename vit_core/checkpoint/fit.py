@@ -55,7 +55,7 @@ def check_config_fits(state: Mapping[str, Any], config: Any, source: str) -> Non
 def drop_unused_qkv_bias(state: Mapping[str, np.ndarray], qkv_bias: bool) -> dict[str, np.ndarray]:
     """Drop q/k/v biases when the config says ``qkv_bias=False``.
 
-    transformers' TF ViT always creates them (FORMATS.md section 3), so TF checkpoints of
+    transformers' TF ViT always creates them (docs/FORMATS.md section 3), so TF checkpoints of
     qkv_bias=False models carry biases the model does not have; they are dropped with a warning
     (which says how large they were: non-zero biases mean the outputs will differ from the TF model).
     """

@@ -1,6 +1,6 @@
 """transformers' own spellings of the canonical names, declared as reversible rules.
 
-Canonical names are transformers 4.x PyTorch's (FORMATS.md section 1). The other spellings a
+Canonical names are transformers 4.x PyTorch's (docs/FORMATS.md section 1). The other spellings a
 transformers checkpoint can use are lists of rules for the rule engine (``rules.py``), applied
 forward to read and backward to write:
 
@@ -217,7 +217,7 @@ def _renamed(state: Mapping[str, Any], fn: Any) -> dict[str, Any]:
 # The declared rule lists (forward = toward canonical)
 # ---------------------------------------------------------------------------------------------
 
-# FORMATS.md section 2 lists the 5.9+ renames from canonical "in that order"; backward runs these
+# docs/FORMATS.md section 2 lists the 5.9+ renames from canonical "in that order"; backward runs these
 # rules in reverse, so they are listed here as their inverses, last first. Every pattern matches
 # one spelling only, so 4.x names pass through unchanged.
 NEW_NAME_RULES: tuple[Rule, ...] = (
@@ -230,7 +230,7 @@ NEW_NAME_RULES: tuple[Rule, ...] = (
     Sub((r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"(^|\.)encoder\.layer\.(\d+)\.", r"\1layers.\2.")),
 )
 
-# FORMATS.md section 3: "<model name>/vit/encoder/layer_._{i}/attention/attention/query/kernel:0".
+# docs/FORMATS.md section 3: "<model name>/vit/encoder/layer_._{i}/attention/attention/query/kernel:0".
 TF_RULES: tuple[Rule, ...] = (
     TFModelName(),
     Sub((r":\d+$", ""), (r"$", ":0")),
@@ -241,7 +241,7 @@ TF_RULES: tuple[Rule, ...] = (
     TFZeroQKVBias(),
 )
 
-# FORMATS.md section 4: '/'-joined parameter paths, Dense / Conv "kernel", LayerNorm "scale".
+# docs/FORMATS.md section 4: '/'-joined parameter paths, Dense / Conv "kernel", LayerNorm "scale".
 FLAX_RULES: tuple[Rule, ...] = (
     ParamsLevel(),
     Sub((r"/", "."), (r"\.", "/")),

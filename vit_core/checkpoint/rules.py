@@ -1,7 +1,7 @@
 """The generic rule engine: one format's weight names and layouts as data, applied both ways.
 
 A format module declares an ordered list of rules. ``apply_forward`` runs them in order to turn a
-state in the source format's names into canonical names (transformers 4.x PyTorch, FORMATS.md
+state in the source format's names into canonical names (transformers 4.x PyTorch, docs/FORMATS.md
 section 1); ``apply_backward`` runs their inverses in reverse order to write that format. Every
 rule is reversible by construction, so ``backward(forward(state)) == state`` bitwise.
 
@@ -423,7 +423,7 @@ class Sub(Rule):
         return self._apply(state, self.backward_sub)
 
 
-# Canonical task layout: task models keep the backbone under "vit." (FORMATS.md section 1).
+# Canonical task layout: task models keep the backbone under "vit." (docs/FORMATS.md section 1).
 _HEAD = re.compile(r"^(classifier|decoder|pooler)\.")
 
 
