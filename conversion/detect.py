@@ -74,7 +74,8 @@ def open_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = Non
     weights = _weights_in(path) if path.is_dir() else path
     kind = files.detect_kind(weights)
     config_path, timm_config = _config_beside(weights)
-    source = Source(weights, kind, _raw_state(weights, kind), config_path, timm_config, timm_model_name)
+    raw, flavour = _raw_state(weights, kind)
+    source = Source(weights, kind, raw, flavour, config_path, timm_config, timm_model_name)
     loaded = identify(source)
     if loaded is not None:
         return loaded
@@ -84,13 +85,14 @@ def open_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = Non
                           f"first keys: {first}")
 
 
-def _raw_state(weights: pathlib.Path, kind: str) -> LazyState | None:
-    """The file's tensors in its own names, for the containers foreign formats come in."""
-    if kind == "npz" or kind in ("torch", "torch_legacy"):
-        return files.container(kind).read_lazy(weights)
-    if kind == "safetensors":
-        return files.container(kind).read_lazy(weights)[0]
-    return None
+def _raw_state(weights: pathlib.Path, kind: str) -> tuple[LazyState | None, str | None]:
+    """(the file's tensors in its own names, the transformers flavour of those names) for the
+    containers foreign formats come in, read once for detection and reading alike."""
+    if kind == "npz":
+        return files.container(kind).read_lazy(weights), None
+    if kind in ("safetensors", "torch", "torch_legacy"):
+        return files.read_raw(weights, kind)
+    return None, None
 
 
 def load_checkpoint(src: str | os.PathLike, *, timm_model_name: str | None = None,

@@ -22,7 +22,8 @@ import pytest
 from conversion import CheckpointError, convert, load_checkpoint, open_checkpoint
 from vit_core.checkpoint import npz as npz_container
 from vit_core.checkpoint import safetensors as st_container
-from vit_core.checkpoint.rules import Lazy, Split, Stack, Template, ZeroClsRow, lazify, materialize
+from vit_core.checkpoint.lazy import Lazy, lazify, materialize
+from vit_core.checkpoint.rules import Split, Stack, Template, ZeroClsRow
 from vit_core.reference import forward
 
 from .cases import assert_close

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from conversion import convert, load_checkpoint
-from vit_core.checkpoint.rules import lazify
 
 from .test_conversion import NPZ, TIMM, assert_bitwise, read_raw
 

@@ -392,6 +392,10 @@ class FlaxViTPreTrainedModel(nnx.Module):
         Settable (same as :meth:`set_attn_implementation`)."""
         return self._attn_implementation
 
+    @attn_implementation.setter
+    def attn_implementation(self, value: str | None) -> None:
+        self.set_attn_implementation(value)
+
     def set_attn_implementation(self, attn_implementation: str | None) -> None:
         """Switch the attention path: "sdpa" or "fused" (the same fused path, the default) or
         "eager"; recompiles on the next call. ValueError listing the choices for another name."""

@@ -384,6 +384,7 @@ class TFViTPreTrainedModel(keras.Model):
     config: ViTConfig
     base_model_prefix = "vit"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
     task: Task = "base"
     output_class: type = TFBaseModelOutputWithPooling
 
@@ -441,6 +442,31 @@ class TFViTPreTrainedModel(keras.Model):
         implementation = resolve_attn_implementation(attn_implementation)
         self._attn_implementation = implementation
         self._backbone()._attn_implementation = implementation
+
+    # -------------------------------------------------------------------------- gradient checkpointing
+    def _encoders(self) -> list[ViTEncoder]:
+        return [layer for layer in self._flatten_layers(include_self=False, recursive=True)
+                if isinstance(layer, ViTEncoder)]
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(encoder.gradient_checkpointing for encoder in self._encoders())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each encoder layer in the backward pass (training mode only; tf.recompute_grad).
+
+        ``gradient_checkpointing_kwargs`` is accepted for transformers' signature; it may hold
+        ``use_reentrant`` (meaningless in TensorFlow, ignored)."""
+        options = dict(gradient_checkpointing_kwargs or {})
+        options.pop("use_reentrant", None)
+        if options:
+            raise ValueError(f"gradient_checkpointing_kwargs accepts only 'use_reentrant', got {sorted(options)}")
+        for encoder in self._encoders():
+            encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for encoder in self._encoders():
+            encoder.gradient_checkpointing = False
 
     def get_input_embeddings(self) -> ViTPatchEmbeddings:
         return self._backbone().embeddings.patch_embeddings
@@ -603,31 +629,6 @@ class TFViTPreTrainedModel(keras.Model):
         if isinstance(vit_config, dict):
             vit_config = ViTConfig.from_dict(vit_config)
         return cls(vit_config, **config)
-
-    # -------------------------------------------------------------------------- gradient checkpointing
-    def _encoders(self) -> list[ViTEncoder]:
-        return [layer for layer in self._flatten_layers(include_self=False, recursive=True)
-                if isinstance(layer, ViTEncoder)]
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(encoder.gradient_checkpointing for encoder in self._encoders())
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute each encoder layer in the backward pass (training mode only; tf.recompute_grad).
-
-        ``gradient_checkpointing_kwargs`` is accepted for transformers' signature; it may hold
-        ``use_reentrant`` (meaningless in TensorFlow, ignored)."""
-        options = dict(gradient_checkpointing_kwargs or {})
-        options.pop("use_reentrant", None)
-        if options:
-            raise ValueError(f"gradient_checkpointing_kwargs accepts only 'use_reentrant', got {sorted(options)}")
-        for encoder in self._encoders():
-            encoder.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for encoder in self._encoders():
-            encoder.gradient_checkpointing = False
 
     # -------------------------------------------------------------------------- shared forward parts
     def _prepare_pixel_values(self, pixel_values: Any, interpolate_pos_encoding: bool) -> tuple[tf.Tensor, int, int]:

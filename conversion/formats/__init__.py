@@ -28,6 +28,7 @@ class Source:
     weights: pathlib.Path
     kind: str
     raw: LazyState | None
+    flavour: str | None  # pt / tf / flax: the names ``raw`` is in, where transformers could have written it
     config_path: pathlib.Path | None
     timm_config: dict[str, Any] | None
     timm_model_name: str | None
@@ -60,8 +61,8 @@ FORMATS: tuple[Format, ...] = (
     Format(jax_npz.NAME, ("npz",), lambda s: jax_npz.detect(set(s.raw or ())),
            lambda s, layout: jax_npz.read(s.raw, layout, s.where), ("jax",)),
     Format(hf.NAME, ("safetensors", "torch", "torch_legacy", "h5", "msgpack", "index"),
-           lambda s: True if hf.detect(s.weights, s.kind, s.raw or ()) else None,
-           lambda s, _: hf.read(s.weights, s.config_path, s.where), tuple(hf.TARGETS)),
+           lambda s: True if hf.detect(s.kind, s.raw, s.flavour) else None,
+           lambda s, _: hf.read(s.weights, s.config_path, s.where, s.raw, s.flavour), tuple(hf.TARGETS)),
 )
 
 TARGETS: dict[str, Format] = {target: fmt for fmt in FORMATS for target in fmt.targets}

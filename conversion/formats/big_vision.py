@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from vit_core.checkpoint import CheckpointError
-
+from vit_core.checkpoint.lazy import LazyState
 from vit_core.checkpoint.rules import (
-    LazyState,
     Rename,
     Renames,
     Rule,
@@ -33,6 +32,7 @@ from vit_core.checkpoint.rules import (
     strip_task_prefix,
     task_prefix,
 )
+
 from . import jax_npz
 from .base import PROVENANCE_KEY, Loaded, check_against_table, derive_config, drop_keys, numerics_note, provenance
 

@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 
 from vit_core.checkpoint import CheckpointError
-
+from vit_core.checkpoint.lazy import Lazy, LazyState, lazy_from_array
 from vit_core.checkpoint.rules import (
-    Lazy,
-    LazyState,
     Rename,
     Renames,
     Reshape,
@@ -40,10 +38,10 @@ from vit_core.checkpoint.rules import (
     apply_backward,
     apply_forward,
     dims_of,
-    lazy_from_array,
     strip_task_prefix,
     task_prefix,
 )
+
 from .base import PROVENANCE_KEY, Loaded, check_against_table, derive_config, drop_keys, numerics_note, provenance
 
 NAME = "jax"

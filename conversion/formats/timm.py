@@ -24,9 +24,8 @@ from typing import Any
 
 from vit_core import VARIANTS
 from vit_core.checkpoint import CheckpointError
-
+from vit_core.checkpoint.lazy import LazyState
 from vit_core.checkpoint.rules import (
-    LazyState,
     Rename,
     Renames,
     Rule,
@@ -38,6 +37,7 @@ from vit_core.checkpoint.rules import (
     strip_task_prefix,
     task_prefix,
 )
+
 from .base import (
     PROVENANCE_KEY,
     STANDARD_HEADS,

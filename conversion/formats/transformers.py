@@ -43,21 +43,30 @@ def looks_canonical(keys: Any) -> bool:
     return bool(keys) and all(_CANONICAL.match(k) for k in keys)
 
 
-def detect(weights: pathlib.Path, kind: str, raw_keys: Any) -> bool:
-    """A transformers checkpoint: an h5 / msgpack / index file, or PyTorch / TF / Flax names."""
+def detect(kind: str, raw: LazyState | None, flavour: str | None) -> bool:
+    """A transformers checkpoint: an h5 / msgpack / index file, or a file (already read, in its own
+    names and ``flavour``) whose names are PyTorch / TF / Flax ones."""
     if kind in ("h5", "msgpack", "index"):
         return True
-    if kind not in ("safetensors", "torch", "torch_legacy"):
+    if raw is None or flavour is None:
         return False
     try:
-        state = files.read_lazy_state(weights)
+        return looks_canonical(names.to_canonical(raw, flavour))
     except CheckpointError:
         return False
-    return looks_canonical(state)
 
 
-def read(weights: pathlib.Path, config_path: pathlib.Path | None, where: str) -> Loaded:
-    state = files.read_lazy_state(weights)
+def read(weights: pathlib.Path, config_path: pathlib.Path | None, where: str, raw: LazyState | None = None,
+         flavour: str | None = None) -> Loaded:
+    """The checkpoint in canonical names with its config; ``raw`` / ``flavour``: the file already read
+    by detection (it is not read again)."""
+    if raw is not None and flavour is not None:
+        try:
+            state = names.to_canonical(raw, flavour)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    else:
+        state = files.read_lazy_state(weights)
     notes: list[str] = []
     if config_path is not None and config_path.is_file():
         try:

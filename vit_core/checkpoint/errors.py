@@ -75,7 +75,7 @@ def _writing(where: str) -> Iterator[None]:
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise CheckpointError(f"{where}: cannot write: {reason}") from None
-    except RuntimeError as e:  # e.g. torch's "basic_ios::clear: iostream error" on a full disk
+    except RuntimeError as e:  # h5py reports some HDF5 write failures as RuntimeError
         raise CheckpointError(f"{where}: cannot write ({_free_space_hint(where)}): {_short(str(e))}") from None
 
 

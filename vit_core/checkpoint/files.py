@@ -10,19 +10,20 @@ declared rules of ``names.py``: PyTorch names as they are (5.9+ renamed), TF nam
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from . import index, names, safetensors
+from . import h5, index, msgpack, names, npz, safetensors, staging, torch_zip
 from .errors import CheckpointError, CheckpointNotFoundError, PathLike, reading, writing  # noqa: F401
-from .lazy import Lazy, LazyState, lazify, materialize
+from .lazy import Lazy, LazyState, lazy_from_array, materialize
 
 Progress = Callable[[int], None]
 
@@ -41,10 +42,9 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
-# Container kind -> its module (imported on first use: h5py / msgpack load only when needed).
-CONTAINERS: dict[str, str] = {
-    "safetensors": "safetensors", "torch": "torch_zip", "torch_legacy": "torch_zip", "h5": "h5",
-    "msgpack": "msgpack", "npz": "npz",
+# Container kind -> its module (h5py and msgpack are imported only by the functions that use them).
+CONTAINERS: dict[str, ModuleType] = {
+    "safetensors": safetensors, "torch": torch_zip, "torch_legacy": torch_zip, "h5": h5, "msgpack": msgpack, "npz": npz,
 }
 # The names a container's keys are in, when the container alone decides it.
 _FLAVOURS = {"torch": "pt", "torch_legacy": "pt", "h5": "tf", "msgpack": "flax"}
@@ -55,7 +55,7 @@ _SUFFIX_KINDS = (
 
 
 def container(kind: str) -> ModuleType:
-    return importlib.import_module(f".{CONTAINERS[kind]}", __package__)
+    return CONTAINERS[kind]
 
 
 def detect_kind(path: pathlib.Path) -> str:
@@ -65,10 +65,8 @@ def detect_kind(path: pathlib.Path) -> str:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(16)
-            if container("h5").sniff(head, f):
+            if h5.sniff(head, f):
                 return "h5"
-    from . import npz, torch_zip
-
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and npz.sniff(path):
         return "npz"
     if safetensors.sniff(head, size):  # before the pickle check: a header size can start with 0x80 0x02
@@ -78,7 +76,7 @@ def detect_kind(path: pathlib.Path) -> str:
         return kind
     if index.sniff(head):
         return "index"
-    if container("msgpack").sniff(head):
+    if msgpack.sniff(head):
         return "msgpack"
     expected = next((kind for suffix, kind in _SUFFIX_KINDS if path.name.lower().endswith(suffix)), None)
     if expected is not None:
@@ -118,9 +116,10 @@ def safetensors_flavour(keys: Any, metadata: Mapping[str, str]) -> str:
     return "pt"
 
 
-def read_raw(path: pathlib.Path) -> tuple[LazyState, str]:
-    """One file, or an index and its shards -> (lazy state in the file's own names, flavour pt|tf|flax)."""
-    kind = detect_kind(path)
+def read_raw(path: pathlib.Path, kind: str | None = None) -> tuple[LazyState, str]:
+    """One file, or an index and its shards -> (lazy state in the file's own names, flavour pt|tf|flax).
+    ``kind``: the container when the caller has detected it already."""
+    kind = kind or detect_kind(path)
     if kind == "index":
         return _read_index(path)
     if kind == "npz":
@@ -131,7 +130,7 @@ def read_raw(path: pathlib.Path) -> tuple[LazyState, str]:
         if flavour == "flax":  # Flax safetensors join the parameter path with "."
             state = {k.replace(".", "/"): v for k, v in state.items()}
         return state, flavour
-    return container(kind).read_lazy(path), _FLAVOURS[kind]
+    return CONTAINERS[kind].read_lazy(path), _FLAVOURS[kind]
 
 
 def _read_index(path: pathlib.Path) -> tuple[LazyState, str]:
@@ -209,7 +208,7 @@ def check_state(state: Mapping[str, Any]) -> LazyState:
         array = np.asarray(value)
         if array.dtype.hasobject:
             raise CheckpointError(f"state dict entry {key!r} is not a numeric array ({type(value).__name__})")
-        out.update(lazify({key: array}))
+        out[key] = lazy_from_array(array, key)
     return out
 
 
@@ -222,11 +221,11 @@ def write_weights(path: pathlib.Path, state: Mapping[str, Any], flavour: str, pr
     if flavour == "safetensors":
         safetensors.write(path, state, {"format": "pt", **(metadata or {})}, progress)
     elif flavour == "pytorch":
-        container("torch").write(path, state, progress)
+        torch_zip.write(path, state, progress)
     elif flavour == "tf":
-        container("h5").write(path, names.from_canonical(state, "tf"), progress)
+        h5.write(path, names.from_canonical(state, "tf"), progress)
     elif flavour == "flax":
-        container("msgpack").write(path, names.from_canonical(state, "flax"), progress)
+        msgpack.write(path, names.from_canonical(state, "flax"), progress)
     else:
         raise ValueError(f"unknown weights flavour {flavour!r}")
 
@@ -261,9 +260,6 @@ def write_shards(directory: pathlib.Path, state: Mapping[str, Any], *, max_shard
     return written + [directory / SAFE_WEIGHTS_INDEX_NAME]
 
 
-def is_weights_file(name: str) -> bool:
-    """A file a transformers checkpoint directory holds weights in (any format, sharded or not)."""
-    return name in WEIGHT_FILES or bool(re.match(r"^(model|pytorch_model|tf_model|flax_model)-\d{5}-of-\d{5}\.", name))
 
 
 def is_safetensors_weights(name: str) -> bool:
@@ -276,11 +272,6 @@ def save_state_dict(state: Mapping[str, Any], directory: PathLike, *, max_shard_
     """Write ``state`` into ``directory`` as ``model.safetensors`` (or shards + index), each file
     replaced atomically; safetensors weight files of the other layout left by an earlier save are
     removed afterwards. (``save_pretrained`` swaps in the whole directory instead.)"""
-    import os
-    import tempfile
-
-    from . import staging
-
     directory = pathlib.Path(directory)
     with writing(directory):
         directory.mkdir(parents=True, exist_ok=True)
@@ -300,8 +291,6 @@ def save_state_dict(state: Mapping[str, Any], directory: PathLike, *, max_shard_
 
 def save_weights_file(state: Mapping[str, Any], path: PathLike, flavour: str) -> pathlib.Path:
     """One weights file of ``flavour`` (see :func:`write_weights`), written atomically."""
-    from . import staging
-
     path = pathlib.Path(path)
     with staging.staged_file(path, force=True) as temp, writing(path):
         write_weights(temp, state, flavour)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointError
-from .lazy import Lazy, LazyState, lazify, lazy_from_array, materialize  # noqa: F401  (re-exported)
+from .lazy import Lazy, LazyState
 
 PLACEHOLDERS: dict[str, str] = {
     "i": r"\d+",                 # a layer index
