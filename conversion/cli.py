@@ -1,4 +1,4 @@
-"""The ``vitx`` command line: convert, parity, classify, info.
+"""The ``vitx`` command line: convert, parity, classify, finetune, info.
 
 Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance; 2 bad input (unknown or
 corrupt checkpoint, refused variant, destination exists, missing file, bad option), reported as
@@ -67,6 +67,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a checkpoint on a folder of images (or a saved datasets dataset)",
+        description="Fine-tune CHECKPOINT's backbone with a new classification head on DATA, in one framework. DATA: a folder "
+                    "with one sub-folder per class (labels = sorted folder names), or a datasets dataset saved with "
+                    "save_to_disk (columns image and label). AdamW, linear warm-up then cosine decay, random-resized-crop + "
+                    "flip augmentation, validation every epoch, an atomic checkpoint after every epoch (--resume continues "
+                    "it). OUTPUT ends as config.json, model.safetensors, preprocessor_config.json and metrics.json, loadable "
+                    "by vit_torch, vit_tf, vit_flax and transformers. See docs/training.md.")
+    p.add_argument("data", metavar="DATA", help="folder of class folders, or a saved datasets dataset")
+    p.add_argument("--model", required=True, metavar="CHECKPOINT",
+                   help="checkpoint to start from (any format vitx reads: directory, weights file, hub id)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory (must be new or empty, unless --resume)")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"], help="framework that trains (default: torch)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=3, help="passes over the training images (default: 3)")
+    length.add_argument("--max-steps", type=int, help="optimizer steps in all (instead of --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per optimizer step (default: 8)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW decoupled weight decay, not applied to biases and LayerNorm (default: 0)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay (default: 0)")
+    p.add_argument("--image-size", type=int, help="train at this resolution (the position table is resampled once at load)")
+    p.add_argument("--val-split", type=float, default=0.1,
+                   help="fraction of each class held out for validation, drawn from --seed (default: 0.1; a dataset's own "
+                        "validation split is used where it has one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the shuffle, the crops, dropout and a new head (default: 0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random-resized crop and flip")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="the same image order every epoch")
+    p.add_argument("--log", metavar="FILE.jsonl", help='append one JSON line per optimizer step: {"step", "loss", "lr", "epoch"}')
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last finished epoch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (bfloat16: torch autocast, Keras mixed_bfloat16, Flax dtype; weights stay float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding and augmenting images (default: 2)")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes")
 
     p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint")
     p.add_argument("checkpoint")
@@ -142,6 +178,18 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune, options_from_args
+
+    result = finetune(options_from_args(args))
+    if args.quiet:
+        return EXIT_OK
+    accuracy = result.metrics.get("val_accuracy")
+    shown = "" if accuracy is None else f", validation accuracy {accuracy:.4f}"
+    print(f"{result.output}: {result.steps} steps{shown}")
+    return EXIT_OK
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .detect import open_checkpoint
     from .formats.base import PROVENANCE_KEY, architecture_of
@@ -192,7 +240,8 @@ def _prod(shape: Sequence[int]) -> int:
     return n
 
 
-COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "info": _cmd_info}
+COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "finetune": _cmd_finetune,
+            "info": _cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
