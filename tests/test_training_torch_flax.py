@@ -20,7 +20,7 @@ from flax import nnx  # noqa: E402
 from vit_core import ViTConfig  # noqa: E402
 from safetensors.numpy import load_file as read_safetensors  # noqa: E402
 from vit_flax import FlaxViTForImageClassification, FlaxViTForMaskedImageModeling, FlaxViTModel  # noqa: E402
-from vit_torch import ViTForImageClassification  # noqa: E402
+from vit_torch import SaveConfigCallback, ViTForImageClassification  # noqa: E402
 
 from .cases import TINY  # noqa: E402
 
@@ -68,44 +68,53 @@ def assert_reloads(directory: pathlib.Path, expected: np.ndarray, x: np.ndarray,
 
 # ------------------------------------------------------------------------------ PyTorch
 def test_trainer_trains_and_what_it_saves_reloads_everywhere(tmp_path: pathlib.Path) -> None:
-    """transformers' Trainer, unchanged, trains a vit_torch model from ``labels``; its checkpoints'
-    model.safetensors are canonical; ``trainer.model.save_pretrained`` (also with the ``state_dict=`` /
-    ``safe_serialization=`` keywords Trainer passes) writes a directory every framework reloads."""
+    """transformers' Trainer, unchanged, trains a vit_torch model from ``labels``. Its checkpoints'
+    model.safetensors are canonical and load with ``config=``; with ``callbacks=[SaveConfigCallback()]``
+    every checkpoint-N/ and the ``trainer.save_model()`` directory also hold config.json, so vitx and
+    transformers load them as they are."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     x, y = dataset()
-    torch.manual_seed(0)
-    config = ViTConfig(**TINY)
-    model = ViTForImageClassification(config)
-    before = mean_loss(model, x, y)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=32, per_device_train_batch_size=8, learning_rate=2e-3,
-        save_strategy="steps", save_steps=16, lr_scheduler_type="constant", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(model=model, args=args,
-                                   train_dataset=[{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))])
-    trainer.train()
-    after = mean_loss(model, x, y)
-    print(f"Trainer: loss {before:.4f} -> {after:.4f}")
-    assert after < 0.7 * before, f"Trainer did not train: loss {before:.4f} -> {after:.4f}"
-
     sample = x[:3].numpy()
-    with torch.no_grad():
-        expected = model.eval()(x[:3]).logits.numpy()
-    trainer.save_model()
-    parameter_names = set(dict(model.named_parameters()))
-    for step in (16, 32):
-        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
-        assert set(read_safetensors(checkpoint / "model.safetensors")) == parameter_names
-    # the last checkpoint holds the trained weights; Trainer writes no config.json beside them
-    assert_reloads(tmp_path / "run" / "checkpoint-32", expected, sample, config=config)
+    trained = {}
+    for callbacks in ([], [SaveConfigCallback()]):
+        torch.manual_seed(0)
+        config = ViTConfig(**TINY)
+        model = ViTForImageClassification(config)
+        before = mean_loss(model, x, y)
+        run = tmp_path / f"run-{len(callbacks)}"
+        args = transformers.TrainingArguments(
+            output_dir=str(run), max_steps=32, per_device_train_batch_size=8, learning_rate=2e-3,
+            save_strategy="steps", save_steps=16, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+            logging_steps=1, disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(model=model, args=args, callbacks=callbacks,
+                                       train_dataset=[{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))])
+        trainer.train()
+        after = mean_loss(model, x, y)
+        print(f"Trainer: loss {before:.4f} -> {after:.4f}")
+        assert after < 0.7 * before, f"Trainer did not train: loss {before:.4f} -> {after:.4f}"
+        with torch.no_grad():
+            trained[len(callbacks)] = model.eval()(x[:3]).logits.numpy()
+        trainer.save_model()
+        parameter_names = set(dict(model.named_parameters()))
+        for step in (16, 32):
+            checkpoint = run / f"checkpoint-{step}"
+            assert set(read_safetensors(checkpoint / "model.safetensors")) == parameter_names
+            assert (checkpoint / "config.json").is_file() == bool(callbacks)
+        if not callbacks:  # Trainer alone writes no config.json: the weights load with config=
+            assert_reloads(run / "checkpoint-32", trained[0], sample, config=config)
+        else:  # the last checkpoint and the save_model() directory hold the trained model, as they are
+            assert_reloads(run / "checkpoint-32", trained[1], sample)
+            assert_reloads(run, trained[1], sample)
+    np.testing.assert_array_equal(trained[0], trained[1])  # the callback changes nothing in training
 
     model.save_pretrained(tmp_path / "saved")
     trainer_style = tmp_path / "trainer-style"
     model.save_pretrained(trainer_style, state_dict=model.state_dict(), safe_serialization=True)
     for directory in (tmp_path / "saved", trainer_style):
         assert (directory / "config.json").is_file() and (directory / "model.safetensors").is_file()
-        assert_reloads(directory, expected, sample)
+        assert_reloads(directory, trained[1], sample)
 
 
 def test_save_pretrained_takes_trainers_keywords(tmp_path: pathlib.Path) -> None:

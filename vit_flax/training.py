@@ -130,9 +130,11 @@ class TrainStep:
             return self._treedef.unflatten(leaves)
 
         adam = self._adam()
-        count = jnp.asarray(int(np.asarray(values["step"])), adam.count.dtype)
-        inner = (adam._replace(count=count, mu=tree("exp_avg"), nu=tree("exp_avg_sq")),) + tuple(self.opt_state.inner_state[1:])
-        self.opt_state = self.opt_state._replace(count=jnp.asarray(count, self.opt_state.count.dtype), inner_state=inner)
+        step = int(np.asarray(values["step"]))
+        # fresh arrays each: the step donates the optimizer state, and one buffer may not be donated twice
+        inner = (adam._replace(count=jnp.asarray(step, adam.count.dtype), mu=tree("exp_avg"), nu=tree("exp_avg_sq")),)
+        self.opt_state = self.opt_state._replace(count=jnp.asarray(step, self.opt_state.count.dtype),
+                                                 inner_state=inner + tuple(self.opt_state.inner_state[1:]))
 
 
 def model_for_training(config: ViTConfig, state: Mapping[str, np.ndarray], *, dtype: str = "float32") -> nnx.Module:

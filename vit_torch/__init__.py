@@ -22,6 +22,7 @@ from .modeling import (
     ViTPatchEmbeddings,
     ViTPreTrainedModel,
 )
+from .training import SaveConfigCallback
 from .weights import canonical_state, load_canonical_state
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ViTEmbeddings",
     "ViTPatchEmbeddings",
     "ViTLayer",
+    "SaveConfigCallback",
     "canonical_state",
     "load_canonical_state",
 ]

@@ -10,7 +10,9 @@ which is vit_core.training's rule; biases and LayerNorm scales go in a group wit
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from vit_core.training import AdamW, decays
 from .modeling import ViTForImageClassification
 from .weights import LAYOUTS, _to_numpy, _to_tensor, canonical_state, load_canonical_state
 
-__all__ = ["TrainStep", "model_for_training"]
+__all__ = ["SaveConfigCallback", "TrainStep", "model_for_training"]
 
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -115,3 +117,36 @@ def model_for_training(config: ViTConfig, state: Mapping[str, np.ndarray], *, dt
     model = ViTForImageClassification(config)
     load_canonical_state(model, state, source="fine-tuning state")
     return model
+
+
+class SaveConfigCallback:
+    """A transformers ``Trainer`` callback that writes the model's ``config.json`` beside what the
+    Trainer saves, so its directories load with ``from_pretrained`` in vitx and in transformers.
+
+    transformers' Trainer calls ``save_pretrained`` only on its own ``PreTrainedModel`` class; for any
+    other model it writes ``model.safetensors`` alone. With ``Trainer(..., callbacks=[SaveConfigCallback()])``
+    every ``checkpoint-N/`` gets config.json when it is saved, and ``args.output_dir`` gets it when
+    training ends (where ``trainer.save_model()`` then writes the weights). For another directory,
+    call ``trainer.model.save_pretrained(directory)``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):  # every other Trainer event: nothing to do
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    @staticmethod
+    def _write(model: Any, directory: str) -> None:
+        model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained") and os.path.isdir(directory):
+            config.save_pretrained(directory)
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._write(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._write(model, args.output_dir)
