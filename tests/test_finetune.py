@@ -341,3 +341,45 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
     assert schedule.lr(1) == 0.0 and schedule.lr(6) == pytest.approx(5e-4) and schedule.lr(11) == 1e-3
     assert schedule.lr(61) == pytest.approx(5e-4) and schedule.lr(111) == pytest.approx(0.0, abs=1e-18)
     assert Schedule(1e-3, 5).lr(1) == 1e-3
+
+
+@needs("torch")
+@needs("tf")
+def test_keras_fit_with_vitx_adamw_takes_torchs_steps(photos: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """``model.fit`` with ``vit_tf.training.AdamW`` (Keras' AdamW, epsilon placed as torch places it)
+    takes the steps of torch.optim.AdamW on the same batches; Keras' stock AdamW does not."""
+    import keras
+    import tensorflow as tf
+
+    import vit_tf.training
+    import vit_torch.training
+    from vit_core.training import AdamW
+    from vit_tf import TFViTForImageClassification
+    from vit_tf.weights import canonical_state
+
+    checkpoint = seeded_checkpoint(tmp_path / "ckpt", seed=5, task="classification", num_labels=3, qkv_bias=False)
+    config = ViTConfig.from_json_file(checkpoint / "config.json")
+    state = read_state_dict(checkpoint / "model.safetensors")
+    from vit_core.image_processing import ViTImageProcessor
+
+    files = [sorted((photos / name).glob("*.png"))[i] for i in range(4) for name in ("astronaut", "camera", "coffee")]
+    x = ViTImageProcessor(size=32)([Image.open(f) for f in files], return_tensors="np")["pixel_values"]
+    y = np.array([0, 1, 2] * 4)
+    reference = vit_torch.training.TrainStep(vit_torch.training.model_for_training(config, state), AdamW(lr=1e-3))
+    for i in range(3):
+        reference.step(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4], 1e-3, 0)
+    expected = reference.weights()
+    diffs = {}
+    for name, optimizer in (("vitx", vit_tf.training.AdamW(learning_rate=1e-3, weight_decay=0.0, epsilon=1e-8)),
+                            ("keras", keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.0, epsilon=1e-8))):
+        model = TFViTForImageClassification.from_pretrained(checkpoint)
+        model.compile(optimizer=optimizer)
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), epochs=1, shuffle=False, verbose=0)
+        got = canonical_state(model)
+        diffs[name] = max(float(np.max(np.abs(got[k] - expected[k]))) for k in expected)
+    print(f"Keras fit vs torch AdamW after 3 steps: vit_tf.training.AdamW {diffs['vitx']:.2e}, "
+          f"keras.optimizers.AdamW {diffs['keras']:.2e}")
+    # Adam's first steps move a weight by about lr whatever its gradient's size, so where a gradient is
+    # at rounding level (1e-8 here) its step follows each framework's rounding: a few thousandths of lr
+    assert diffs["vitx"] <= 5e-3 * 1e-3
+    assert diffs["keras"] > 50 * diffs["vitx"]
