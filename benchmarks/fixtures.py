@@ -97,3 +97,24 @@ def ensure_fixtures(model: str) -> pathlib.Path:
     np.save(directory / "reference_logits.npy", np.asarray(reference, dtype=np.float64))
     stamp.write_text(json.dumps({"version": _VERSION, "model": model}))
     return directory
+
+
+def ensure_train_fixtures(model: str, batch: int) -> pathlib.Path:
+    """Build (once) the training benchmark's labels for ``batch`` images (seeded, over the 1000
+    classes) and the float64 reference loss of that batch before any step: the first step of every
+    training entry computes exactly this loss (same weights, images and labels; dropout 0)."""
+    from vit_core import ViTConfig
+    from vit_core.reference import forward
+
+    directory = ensure_fixtures(model)
+    stamp = directory / f"train-{batch}.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("version") == _VERSION:
+        return directory
+    config = ViTConfig(**config_fields(model))
+    labels = np.random.default_rng(2).integers(0, config.num_labels, size=batch).astype(np.int64)
+    np.save(directory / f"train-labels-{batch}.npy", labels)
+    state = seeded_state(config)  # what ensure_fixtures saved
+    pixels = np.load(directory / "pixels.npy")[:batch]
+    loss = forward(state, config, pixels, task="classification", labels=labels)["loss"]
+    stamp.write_text(json.dumps({"version": _VERSION, "model": model, "batch": batch, "reference_loss": float(loss)}))
+    return directory

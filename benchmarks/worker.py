@@ -2,6 +2,7 @@
 
     python -m benchmarks.worker speed --entry vitx-torch-sdpa --model B/16 --dtype float32 --batch 8
     python -m benchmarks.worker cold --entry vitx-torch --model B/16
+    python -m benchmarks.worker train --entry vitx-torch-train --model S/16 --dtype bfloat16 --batch 32
 
 Prints one ``BENCH_RESULT {json}`` line (benchmarks.common.emit). The parent sets the thread
 environment before this process starts; here the framework's own thread pools are pinned too.
@@ -69,6 +70,42 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     }
     result.update(logits_check(logits, args.model))
     return result
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """One training cell: images/s of optimizer steps, the first step's loss against the float64
+    reference loss of the batch, and the process's peak RSS (with or without checkpointing)."""
+    import json
+
+    from .train_entries import TRAIN_ENTRIES
+
+    entry = TRAIN_ENTRIES[args.entry]
+    set_threads(entry.framework, args.threads)
+    directory = fixture_dir(args.model)
+    pixels = load_inputs(args.model, args.batch)
+    labels = np.load(directory / f"train-labels-{args.batch}.npy")
+    reference = json.loads((directory / f"train-{args.batch}.json").read_text())["reference_loss"]
+    t0 = time.perf_counter()
+    step = entry.builder(directory, args.model, args.dtype, pixels, labels, args.checkpointing)
+    setup_s = time.perf_counter() - t0
+    losses: list[float] = []
+    timing = time_calls(lambda: losses.append(step()), min_runs=args.min_runs, min_time_s=args.min_time,
+                        max_runs=args.max_runs, max_time_s=args.max_time)
+    if not all(np.isfinite(losses)):
+        raise FloatingPointError(f"non-finite training loss: {losses}")
+    return {
+        "kind": "train", "entry": args.entry, "framework": entry.framework, "vitx": entry.vitx,
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+        "checkpointing": args.checkpointing,
+        "setup_s": setup_s, "first_call_s": timing.first_call_s, "warmup_calls": timing.warmup_calls,
+        "times_s": timing.times, "median_s": timing.median_s,
+        "median_cpu_s": statistics.median(timing.cpu_times), "runs": len(timing.times),
+        "images_per_s": args.batch / timing.median_s,
+        "first_loss": losses[0], "reference_loss": reference,
+        "first_loss_rel_diff": abs(losses[0] - reference) / abs(reference),
+        "last_loss": losses[-1], "steps": len(losses),
+        "peak_rss_mb": peak_rss_mb(), "versions": versions(FRAMEWORK_MODULES),
+    }
 
 
 # ----------------------------------------------------------------------------------- cold start
@@ -190,7 +227,7 @@ def run_cold(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    parser.add_argument("kind", choices=["speed", "cold"])
+    parser.add_argument("kind", choices=["speed", "cold", "train"])
     parser.add_argument("--entry", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
@@ -200,14 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-time", type=float, default=3.0)
     parser.add_argument("--max-runs", type=int, default=50)
     parser.add_argument("--max-time", type=float, default=20.0)
+    parser.add_argument("--checkpointing", action="store_true", help="train: gradient checkpointing on")
     args = parser.parse_args(argv)
     load_before = load_average()
     try:
-        result = run_speed(args) if args.kind == "speed" else run_cold(args)
+        result = {"speed": run_speed, "cold": run_cold, "train": run_train}[args.kind](args)
     except Exception as exc:  # the parent records the failure in the table rather than dying
         traceback.print_exc()
         result = {"kind": args.kind, "entry": args.entry, "model": args.model, "dtype": args.dtype,
                   "batch": args.batch, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        if isinstance(exc, NotImplementedError):  # the library has no such mode: not a failure
+            result = {**result, "unsupported": True}
     result["load_average_before"] = load_before
     result["load_average_after"] = load_average()
     emit(result)
