@@ -96,3 +96,33 @@ def test_gemm_bound_is_the_framework_rate_at_the_models_own_shape() -> None:
     assert abs(gemm_bound(gemm, dict(cell, dtype="bfloat16")) - 700e9 / model_flops("B/16")) < 1e-9
     assert gemm_bound(gemm, dict(cell, batch=32)) is None  # shape not measured
     assert gemm_bound(gemm, dict(cell, framework="tf")) is None
+
+
+def test_quick_training_benchmark_writes_the_report(tmp_path: pathlib.Path) -> None:
+    """``python -m benchmarks.train --quick`` times a step per entry, checks the first step's loss
+    against the float64 reference, pairs peak RSS with and without gradient checkpointing, and
+    compares vitx with the fastest peer of its framework."""
+    out = tmp_path / "train.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train", "--quick", "--only", "vitx-torch-train,hf4-torch-train",
+         "--threads", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".md").exists()
+    assert "| **vitx-torch-train** |" in done.stdout
+    assert report["errors"] == [], report["errors"]
+    cells = {(c["entry"], c["checkpointing"]): c for c in report["cells"]}
+    assert set(cells) == {("vitx-torch-train", False), ("hf4-torch-train", False),
+                          ("vitx-torch-train", True), ("hf4-torch-train", True)}
+    for cell in cells.values():
+        assert (cell["model"], cell["dtype"], cell["batch"]) == ("tiny", "float32", 4)
+        assert cell["images_per_s"] > 0 and cell["steps"] >= 4 and cell["peak_rss_mb"] > 0
+        # same weights, images and labels: the first step's loss is the float64 reference's
+        assert cell["first_loss_rel_diff"] <= 1e-5, cell
+        assert cell["last_loss"] < cell["first_loss"]  # the steps train
+    (ratio,) = report["ratios"]
+    assert (ratio["vitx_entry"], ratio["peer_entry"]) == ("vitx-torch-train", "hf4-torch-train")
+    assert ratio["ratio"] == cells[("vitx-torch-train", False)]["images_per_s"] / cells[("hf4-torch-train", False)]["images_per_s"]
+    assert {m["entry"] for m in report["memory"]} == {"vitx-torch-train", "hf4-torch-train"}
