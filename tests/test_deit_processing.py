@@ -329,6 +329,9 @@ def test_vit_processor_on_a_deit_file_warns_naming_the_keys(tmp_path, transforme
     messages = [str(w.message) for w in record if "ignores" in str(w.message)]
     assert len(messages) == 1
     assert "do_center_crop" in messages[0] and "crop_size" in messages[0] and "AutoImageProcessor" in messages[0]
+    assert messages[0].startswith(f"{tmp_path / PREPROCESSOR_CONFIG_NAME} (a DeiTImageProcessor file): ViTImageProcessor ignores")
+    with pytest.warns(UserWarning, match=r"^ViTImageProcessor ignores the option\(s\) crop_size, crop_pct"):
+        ViTImageProcessor(crop_pct=0.9, crop_size=200)
     # transformers' ViTImageProcessor ignores them too: 256 x 256, no crop. The numbers are its.
     theirs = transformers.ViTImageProcessor.from_pretrained(tmp_path)
     image = photos["astronaut.png"]

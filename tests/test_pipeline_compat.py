@@ -229,6 +229,11 @@ def test_feature_extraction_matches_transformers(checkpoints, their_pipelines, f
     expected = theirs(PHOTOS)
     for a, b in zip(batch, expected):
         assert_same_features(a, b)
+    batched = pipeline("image-feature-extraction", model=checkpoints["base"], framework=framework, batch_size=2)
+    their_batched = theirs(PHOTOS, batch_size=2)  # still (1, tokens, hidden) per image
+    assert np.asarray(their_batched[4]).shape == (1, 17, 24)
+    for a, b in zip(batched(PHOTOS), their_batched, strict=True):
+        assert_same_features(a, b)
     pooled = ours(PHOTOS[:2], pool=True)
     assert np.asarray(pooled[0]).shape == (1, 24)
     for a, b in zip(pooled, theirs(PHOTOS[:2], pool=True)):

@@ -279,25 +279,27 @@ class BaseViTImageProcessor:
         self.image_mean = _mean_std_value(image_mean if image_mean is not None else list(IMAGENET_STANDARD_MEAN), "image_mean")
         self.image_std = _mean_std_value(image_std if image_std is not None else list(IMAGENET_STANDARD_STD), "image_std")
         self.do_convert_rgb = do_convert_rgb
+        source = kwargs.pop("_config_source", None)  # set by from_json_file: named in the warning below
         for key in _DROPPED_KEYS:
             kwargs.pop(key, None)
         # Unknown keys of a preprocessor_config.json (processor_class, crop_pct, ...) are kept and
         # written back; they are readable as attributes, as in transformers.
         self.extra: dict[str, Any] = dict(kwargs)
-        self._warn_ignored()
+        self._warn_ignored(source)
 
     @staticmethod
     def _size_dict(size: Any) -> dict[str, int]:
         """``size`` in the forms this processor resizes to (ViT: a fixed height and width)."""
         return get_size_dict(size)
 
-    def _warn_ignored(self) -> None:
+    def _warn_ignored(self, source: str | None) -> None:
         """Warn, naming them, about kept keys that other processors apply to the pixels and this
         one does not (a DeiT file's do_center_crop / crop_size read by ViTImageProcessor)."""
         ignored = [key for key in _FOREIGN_OPTION_KEYS if key in self.extra]
         if ignored:
+            origin = f"{source}: " if source else ""
             warnings.warn(
-                f"{type(self).__name__} ignores the option(s) {', '.join(ignored)} (from another image "
+                f"{origin}{type(self).__name__} ignores the option(s) {', '.join(ignored)} (from another image "
                 f"processor's config, e.g. DeiTImageProcessor's center crop), as transformers' "
                 f"{self.config_type} does: the images are resized to {self.size} and not cropped; use "
                 "AutoImageProcessor.from_pretrained (or the processor the file names) to apply them",
@@ -430,8 +432,13 @@ class BaseViTImageProcessor:
 
     @classmethod
     def _from_file_dict(cls, config: Any, path: pathlib.Path, overrides: Mapping[str, Any]) -> "BaseViTImageProcessor":
+        source = str(path)
+        if isinstance(config, Mapping):
+            kind = AutoImageProcessor.processor_type(config)
+            if kind.removesuffix("Fast") != cls.config_type:
+                source += f" (a {kind} file)"
         try:
-            return cls.from_dict(config, **overrides)
+            return cls.from_dict(config, **overrides, _config_source=source)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
