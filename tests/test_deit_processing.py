@@ -129,6 +129,14 @@ def test_batch_of_photos_and_return_tensors(tmp_path, transformers, photos) -> N
     jnp = pytest.importorskip("jax.numpy")
     out = ours(batch, return_tensors="jax")["pixel_values"]
     assert out.dtype == jnp.float32 and np.array_equal(np.asarray(out), got)
+    # framework tensors are read as their numpy values
+    as_tensor = ours([torch.from_numpy(np.array(photos[n])) for n in PHOTOS[:2]])["pixel_values"]
+    assert np.array_equal(as_tensor, got[:2])
+    # without resize and crop, images of different sizes come back as a list
+    listed = ours(batch[:2], do_resize=False, do_center_crop=False)["pixel_values"]
+    assert isinstance(listed, list) and [p.shape[1:] for p in listed] == [np.asarray(b).shape[:2] for b in batch[:2]]
+    for a, b in zip(listed, theirs(batch[:2], do_resize=False, do_center_crop=False)["pixel_values"]):
+        assert max_abs(a, b) <= ATOL
     # channels last
     last = ours(batch, data_format="channels_last")["pixel_values"]
     assert max_abs(last, oracle_pixels(theirs, batch, data_format="channels_last")) <= ATOL

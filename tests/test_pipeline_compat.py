@@ -166,6 +166,26 @@ def test_transformers_tf_pipeline_agrees(transformers, checkpoints) -> None:
     assert_same_predictions(ours(PHOTOS, top_k=3), theirs(PHOTOS, top_k=3))
 
 
+def test_exif_orientation_and_modes_load_as_transformers(tmp_path, checkpoints, their_pipelines) -> None:
+    """Paths and PIL images go through EXIF orientation and convert("RGB"), as transformers' load_image."""
+    with Image.open(PHOTOS[4]) as image:  # rocket.jpg, 427 x 640: a rotation changes the crop
+        rgb = image.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated = tmp_path / "rotated.jpg"
+    rgb.save(rotated, exif=exif, quality=95)
+    gray = tmp_path / "gray.png"
+    rgb.convert("L").save(gray)
+    theirs = their_pipelines["base"]
+    ours = pipeline("image-feature-extraction", model=checkpoints["base"])
+    for path in (rotated, gray):
+        assert_same_features(ours(str(path)), theirs(str(path)))
+    with Image.open(rotated) as image:
+        assert_same_features(ours(image), theirs(image))
+        upright = np.asarray(ours(np.asarray(image.convert("RGB"))))  # an array: no EXIF transpose
+    assert float(np.abs(np.asarray(ours(str(rotated))) - upright).max()) > 1e-2
+
+
 # ------------------------------------------------------------------------------------- model objects
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_vitx_model_objects(checkpoints, their_pipelines, framework: str) -> None:
