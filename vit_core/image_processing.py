@@ -59,9 +59,6 @@ PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # transformers' IMAGENET_STANDARD_MEAN / _STD (the ViT checkpoints' [-1, 1] input range).
 IMAGENET_STANDARD_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-# transformers' IMAGENET_DEFAULT_MEAN / _STD (what the DeiT and DINO preprocessor files store).
-IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # PIL.Image.Resampling values, which transformers' PILImageResampling re-exports and which
 # preprocessor_config.json stores as plain ints.
