@@ -448,3 +448,16 @@ def test_dino_checkpoint_without_a_classifier_matches_transformers(tmp_path, tra
     assert hidden.shape == (2, 17, 24)
     assert max_abs(hidden, expected.last_hidden_state.numpy()) <= SMALL
     assert max_abs(pooled, expected.pooler_output.numpy()) <= SMALL
+
+
+def test_parity_report_runs_a_deit_checkpoint(tmp_path, transformers, photos) -> None:
+    """conversion.compare (vitx parity) preprocesses a DeiT directory with its own processor."""
+    from conversion import compare
+    from conversion.compare import _pixel_values
+
+    make_transformers_checkpoint(tmp_path, transformers, "classification", seed=3)
+    images = [photos["coffee.png"], photos["rocket.jpg"]]
+    pixel_values = _pixel_values(images, vit_core.ViTConfig(**DEIT_TINY), tmp_path)
+    assert max_abs(pixel_values, _pixels_of_transformers(tmp_path, transformers, images)) <= ATOL
+    report = compare(tmp_path, images=[str(IMAGES_DIR / "coffee.png")], frameworks=("reference", "torch"))
+    assert report.ok and report.frameworks == ["reference", "torch"]
