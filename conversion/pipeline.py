@@ -141,12 +141,19 @@ class Pipeline:
         device: None, "cpu", -1 or ``torch.device("cpu")``.
         batch_size: images per forward call (default 1, as transformers).
         timm_model_name: the timm architecture name of a timm state dict.
+        revision: the hub revision of a hub id (checkpoint and preprocessor file).
+        token: the hub token for a hub id.
+        use_fast: passed to ``AutoImageProcessor.from_pretrained`` when the processor is read
+            from a file (True: ``ViTImageProcessorFast`` for ViT files).
     """
 
     task: str = ""
 
     def __init__(self, model: Any, *, framework: str | None = None, image_processor: Any = None, device: Any = None,
-                 batch_size: int | None = None, timm_model_name: str | None = None) -> None:
+                 batch_size: int | None = None, timm_model_name: str | None = None, revision: str | None = None,
+                 token: str | bool | None = None, use_fast: bool | None = None) -> None:
+        self._hub = {"revision": revision, "token": token}
+        self._use_fast = use_fast
         check_device(device)
         self.batch_size = 1 if batch_size is None else _check_positive_int(batch_size, "batch_size")
         requested = resolve_framework(framework)
@@ -189,7 +196,7 @@ class Pipeline:
         """Refuse a model object the task cannot use (classification needs a classifier)."""
 
     def _load(self, model: str | os.PathLike, timm_model_name: str | None) -> tuple[Any, ViTConfig, pathlib.Path | None]:
-        loaded = open_checkpoint(model, timm_model_name=timm_model_name)
+        loaded = open_checkpoint(model, timm_model_name=timm_model_name, **self._hub)
         task = self._model_task(task_of(loaded.state), str(model))
         config: ViTConfig = loaded.config
         source = pathlib.Path(loaded.path) if loaded.path else pathlib.Path(model)
@@ -204,19 +211,19 @@ class Pipeline:
 
         if image_processor is not None:
             if isinstance(image_processor, (str, os.PathLike)):
-                return AutoImageProcessor.from_pretrained(image_processor)
+                return AutoImageProcessor.from_pretrained(image_processor, use_fast=self._use_fast, **self._hub)
             if not callable(image_processor):
                 raise ValueError(f"image_processor must be an image processor or a path, got {type(image_processor).__name__}")
             return image_processor
         if directory is not None and (directory / PREPROCESSOR_CONFIG_NAME).is_file():
-            return AutoImageProcessor.from_pretrained(directory)
+            return AutoImageProcessor.from_pretrained(directory, use_fast=self._use_fast)
         h, w = self.config.image_hw
         why = None
         if not isinstance(model, (str, os.PathLike)):
             why = "no image_processor was given with the model object"
         elif not pathlib.Path(model).exists():  # a hub id: its preprocessor_config.json from the hub
             try:
-                return AutoImageProcessor.from_pretrained(str(model))
+                return AutoImageProcessor.from_pretrained(str(model), use_fast=self._use_fast, **self._hub)
             except OSError as e:
                 why = f"{model} has no readable {PREPROCESSOR_CONFIG_NAME} ({e})"
         if why is not None:
@@ -261,7 +268,8 @@ class ImageClassificationPipeline(Pipeline):
     for a list of images), as transformers' image-classification pipeline.
 
     Args:
-        model, framework, image_processor, device, batch_size, timm_model_name: see ``Pipeline``.
+        model, framework, image_processor, device, batch_size, timm_model_name, revision, token,
+            use_fast: see ``Pipeline``.
         top_k: labels per image (default 5; clamped to the number of labels).
         function_to_apply: "default" (sigmoid for multi-label or single-output models, softmax
             otherwise), "sigmoid", "softmax" or "none" (the raw logits).
@@ -351,7 +359,8 @@ class ImageFeatureExtractionPipeline(Pipeline):
     random weights).
 
     Args:
-        model, framework, image_processor, device, batch_size, timm_model_name: see ``Pipeline``.
+        model, framework, image_processor, device, batch_size, timm_model_name, revision, token,
+            use_fast: see ``Pipeline``.
         pool: return ``pooler_output`` instead of ``last_hidden_state``.
         return_tensors: return the framework's tensor instead of nested lists.
         image_processor_kwargs: options passed to every image processor call.
@@ -422,7 +431,8 @@ def pipeline(task: str, model: Any = None, *, framework: str | None = None, imag
              device: Any = None, batch_size: int | None = None, top_k: int | None = None,
              function_to_apply: str | None = None, pool: bool | None = None, return_tensors: bool | None = None,
              image_processor_kwargs: Mapping[str, Any] | None = None,
-             timm_model_name: str | None = None) -> Pipeline:
+             timm_model_name: str | None = None, revision: str | None = None, token: str | bool | None = None,
+             use_fast: bool | None = None) -> Pipeline:
     """transformers-style factory for "image-classification" and "image-feature-extraction".
 
     Args:
@@ -439,14 +449,20 @@ def pipeline(task: str, model: Any = None, *, framework: str | None = None, imag
         return_tensors: image-feature-extraction: return tensors instead of nested lists.
         image_processor_kwargs: image-feature-extraction: options for the image processor calls.
         timm_model_name: the timm architecture of a timm state dict.
+        revision: the hub revision of a hub id.
+        token: the hub token for a hub id.
+        use_fast: ``AutoImageProcessor``'s ``use_fast`` for a processor read from a file.
 
     Returns:
         An ``ImageClassificationPipeline`` or an ``ImageFeatureExtractionPipeline``.
     """
+    if task is None:
+        raise ValueError(f"pipeline needs a task, one of {', '.join(SUPPORTED_TASKS)} (vitx does not look the "
+                         "task up on the hub)")
     if task not in SUPPORTED_TASKS:
         raise ValueError(f"unsupported pipeline task {task!r}; vitx provides {', '.join(SUPPORTED_TASKS)}")
     common = dict(framework=framework, image_processor=image_processor, device=device, batch_size=batch_size,
-                  timm_model_name=timm_model_name)
+                  timm_model_name=timm_model_name, revision=revision, token=token, use_fast=use_fast)
     if task == "image-classification":
         if pool is not None or return_tensors is not None or image_processor_kwargs is not None:
             raise ValueError("pool, return_tensors and image_processor_kwargs are options of image-feature-extraction, "

@@ -290,19 +290,23 @@ def test_hub_id_with_the_download_replaced(monkeypatch, checkpoints, their_pipel
     huggingface_hub = pytest.importorskip("huggingface_hub")
     from huggingface_hub.utils import EntryNotFoundError
 
-    snapshot = tmp_path / "snapshot"
-    shutil.copytree(checkpoints["classification"], snapshot)
+    remote = checkpoints["classification"]  # the repo's files
+    snapshot = tmp_path / "snapshot"  # the local cache: a file appears there once downloaded
+    snapshot.mkdir()
     requested = []
 
     def fake_download(repo_id: str, filename: str, **kwargs: Any) -> str:
-        requested.append((repo_id, filename))
-        if not (snapshot / filename).is_file():
+        requested.append((repo_id, filename, kwargs.get("revision")))
+        if not (remote / filename).is_file():
             raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        shutil.copyfile(remote / filename, snapshot / filename)
         return str(snapshot / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    ours = pipeline("image-classification", model="facebook/deit-tiny-patch16-224", framework="torch")
-    assert ("facebook/deit-tiny-patch16-224", "config.json") in requested
+    ours = pipeline("image-classification", model="facebook/deit-tiny-patch16-224", framework="torch",
+                    revision="v1.0")
+    assert ("facebook/deit-tiny-patch16-224", "config.json", "v1.0") in requested
+    assert ("facebook/deit-tiny-patch16-224", "preprocessor_config.json", "v1.0") in requested
     assert isinstance(ours.image_processor, DeiTImageProcessor)
     assert_same_predictions(ours(PHOTOS[:2]), their_pipelines["classification"](PHOTOS[:2]))
 
@@ -328,6 +332,11 @@ def test_errors(checkpoints) -> None:
         pipeline("image-classification", model=checkpoints["dino"])
     with pytest.raises(ValueError, match="model must be a checkpoint path, a hub id or a vitx model"):
         pipeline("image-classification", model=object())
+    with pytest.raises(ValueError, match="pipeline needs a task"):
+        pipeline(None, model=directory)
+    with pytest.warns(UserWarning, match="no fast DeiT image processor"):
+        assert isinstance(pipeline("image-classification", model=directory, use_fast=True).image_processor,
+                          DeiTImageProcessor)
     with pytest.raises(ValueError, match="needs model="):
         pipeline("image-feature-extraction")
     with pytest.raises(ValueError, match="pool, return_tensors and image_processor_kwargs are options of"):
