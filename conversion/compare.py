@@ -142,10 +142,10 @@ def sample_images() -> list[pathlib.Path]:
 
 
 def _pixel_values(images: Sequence[Any], config: ViTConfig, directory: pathlib.Path | None) -> np.ndarray:
-    from vit_core import ViTImageProcessor
+    from vit_core import AutoImageProcessor, ViTImageProcessor
 
     if directory is not None and (directory / "preprocessor_config.json").is_file():
-        processor = ViTImageProcessor.from_pretrained(directory)
+        processor = AutoImageProcessor.from_pretrained(directory)
     else:
         h, w = config.image_hw
         processor = ViTImageProcessor(size={"height": h, "width": w})

@@ -23,6 +23,7 @@ _LAZY = {
     "ViTImageProcessor": "image_processing",
     "ViTFeatureExtractor": "image_processing",
     "ViTImageProcessorFast": "image_processing_fast",
+    "DeiTImageProcessor": "image_processing", "DeiTFeatureExtractor": "image_processing", "AutoImageProcessor": "image_processing",
 }
 
 
@@ -38,6 +39,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "VARIANTS", "ViTConfig", "ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor",
+    "DeiTImageProcessor", "DeiTFeatureExtractor", "AutoImageProcessor",
     "ModelOutput", "BaseModelOutputWithPooling", "ImageClassifierOutput", "MaskedImageModelingOutput",
     "WeightSpec", "weight_table", "parameter_count",
 ]

@@ -1,4 +1,5 @@
-"""ViTImageProcessor: transformers' slow ViT image processor, reproduced on numpy + Pillow.
+"""ViTImageProcessor, DeiTImageProcessor and AutoImageProcessor: transformers' slow ViT and DeiT
+image processors, reproduced on numpy + Pillow.
 
 The numbers are those of transformers 4.x ``ViTImageProcessor`` (the test oracle, matched to
 max |diff| <= 1e-6 on real photos, see docs/NUMERICS.md). Per image, in order:
@@ -9,7 +10,8 @@ max |diff| <= 1e-6 on real photos, see docs/NUMERICS.md). Per image, in order:
    is dropped (what ``convert("RGB")`` does to "L" and "RGBA" images);
 2. resize: the image is made uint8 (float images in [0, 1] are scaled by 255 and truncated, as
    transformers' ``to_pil_image`` does), resized by Pillow (bilinear by default; Pillow
-   antialiases when it shrinks), and scaled back by 1/255 when it was scaled up;
+   antialiases when it shrinks), and scaled back by 1/255 when it was scaled up (DeiT: then the
+   center crop, see DeiTImageProcessor);
 3. rescale: ``float32(float64(x) * rescale_factor)``, the product taken in float64 as
    transformers' ``rescale`` does;
 4. normalize: ``(x - mean) / std`` in float32 (in the image's own float dtype if it is float and
@@ -41,10 +43,12 @@ from .image_transforms import (  # noqa: F401  (re-exported: the processors' pub
     _channel_format,
     ImageInput,
     ImageLike,
+    center_crop,
     infer_channel_dimension_format,
     normalize,
     prepare_image,
     rescale,
+    resize_output_size,
     resize_with_pillow,
     to_numpy_image,
     to_uint8_for_resize,
@@ -67,6 +71,11 @@ _OPTION_NAMES = (
 )
 # Keys of old files (or transformers' own bookkeeping) that carry no option and are not written back.
 _DROPPED_KEYS = ("image_processor_type", "feature_extractor_type")
+# Keys that change the pixels in other transformers image processors (DeiT, BEiT, ConvNeXt, ...).
+# A processor that does not apply one of them says so when it is given one (see _warn_ignored).
+_FOREIGN_OPTION_KEYS = (
+    "do_center_crop", "crop_size", "crop_pct", "do_pad", "pad_size", "size_divisor", "do_reduce_labels",
+)
 
 
 
@@ -96,6 +105,49 @@ def get_size_dict(size: int | Sequence[int] | Mapping[str, int]) -> dict[str, in
     if result["height"] <= 0 or result["width"] <= 0:
         raise ValueError(f"size must be positive, got {result}")
     return result
+
+
+def get_resize_size_dict(size: int | Sequence[int] | Mapping[str, int], name: str = "size") -> dict[str, int]:
+    """A resize size of a processor that also reads ``{"shortest_edge": s}`` (DeiT).
+
+    Args:
+        size: ``{"height": h, "width": w}``, ``{"shortest_edge": s}``, a legacy int (square, as
+            transformers' ``get_size_dict`` reads it) or a (height, width) pair.
+        name: the argument's name in error messages.
+
+    Returns:
+        ``{"height": h, "width": w}`` or ``{"shortest_edge": s}``.
+    """
+    if isinstance(size, Mapping) and set(size) == {"shortest_edge"}:
+        edge = size["shortest_edge"]
+        if isinstance(edge, bool) or not isinstance(edge, (int, np.integer)) or edge <= 0:
+            raise ValueError(f"{name}['shortest_edge'] must be a positive int, got {edge!r}")
+        return {"shortest_edge": int(edge)}
+    if isinstance(size, Mapping) and set(size) != {"height", "width"}:
+        raise ValueError(
+            f"{name} must have the keys 'height' and 'width', or only 'shortest_edge'; got {dict(size)}"
+        )
+    try:
+        return get_size_dict(size)
+    except ValueError as e:
+        raise ValueError(str(e).replace("size", name, 1)) from None
+
+
+def get_crop_size_dict(size: int | Sequence[int] | Mapping[str, int]) -> dict[str, int]:
+    """``crop_size`` as {"height": h, "width": w} (from that dict, an int or a (height, width) pair).
+
+    Args:
+        size: the crop size in any of those forms.
+
+    Returns:
+        ``{"height": h, "width": w}``.
+    """
+    if isinstance(size, Mapping) and set(size) != {"height", "width"}:
+        raise ValueError(f"crop_size must have the keys 'height' and 'width', got {dict(size)}")
+    try:
+        return get_size_dict(size)
+    except ValueError as e:
+        raise ValueError(str(e).replace("size", "crop_size", 1)) from None
 
 
 def _resample_int(resample: Any) -> int:
@@ -129,6 +181,7 @@ class ProcessingOptions:
     convert_rgb: bool  # do_convert_rgb, where None (the default) means True
     data_format: str
     input_data_format: str | None
+    crop_size: dict[str, int] | None = None  # the center crop (DeiT); None: no crop
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -198,6 +251,8 @@ class BaseViTImageProcessor:
     model_input_names: ClassVar[list[str]] = ["pixel_values"]
     # The type written to preprocessor_config.json: transformers' slow class reads every file.
     config_type: ClassVar[str] = "ViTImageProcessor"
+    # The options this processor reads, applies and writes back, in transformers' spelling.
+    option_names: ClassVar[tuple[str, ...]] = _OPTION_NAMES
 
     def __init__(
         self,
@@ -213,7 +268,7 @@ class BaseViTImageProcessor:
         **kwargs: Any,
     ) -> None:
         self.do_resize = bool(do_resize)
-        self.size = get_size_dict(size if size is not None else {"height": 224, "width": 224})
+        self.size = self._size_dict(size if size is not None else {"height": 224, "width": 224})
         self.resample = _resample_int(resample)
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
@@ -221,11 +276,33 @@ class BaseViTImageProcessor:
         self.image_mean = _mean_std_value(image_mean if image_mean is not None else list(IMAGENET_STANDARD_MEAN), "image_mean")
         self.image_std = _mean_std_value(image_std if image_std is not None else list(IMAGENET_STANDARD_STD), "image_std")
         self.do_convert_rgb = do_convert_rgb
+        source = kwargs.pop("_config_source", None)  # set by from_json_file: named in the warning below
         for key in _DROPPED_KEYS:
             kwargs.pop(key, None)
         # Unknown keys of a preprocessor_config.json (processor_class, crop_pct, ...) are kept and
         # written back; they are readable as attributes, as in transformers.
         self.extra: dict[str, Any] = dict(kwargs)
+        self._warn_ignored(source)
+
+    @staticmethod
+    def _size_dict(size: Any) -> dict[str, int]:
+        """``size`` in the forms this processor resizes to (ViT: a fixed height and width)."""
+        return get_size_dict(size)
+
+    def _warn_ignored(self, source: str | None) -> None:
+        """Warn, naming them, about kept keys that other processors apply to the pixels and this
+        one does not (a DeiT file's do_center_crop / crop_size read by ViTImageProcessor)."""
+        ignored = [key for key in _FOREIGN_OPTION_KEYS if key in self.extra]
+        if ignored:
+            origin = f"{source}: " if source else ""
+            warnings.warn(
+                f"{origin}{type(self).__name__} ignores the option(s) {', '.join(ignored)} (from another image "
+                f"processor's config, e.g. DeiTImageProcessor's center crop), as transformers' "
+                f"{self.config_type} does: the images are resized to {self.size} and not cropped; use "
+                "AutoImageProcessor.from_pretrained (or the processor the file names) to apply them",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def __getattr__(self, name: str) -> Any:
         extra = self.__dict__.get("extra")
@@ -247,14 +324,20 @@ class BaseViTImageProcessor:
         do_convert_rgb: bool | None,
         data_format: Any,
         input_data_format: Any,
+        *,
+        do_center_crop: bool | None = None,
+        crop_size: Any = None,
     ) -> ProcessingOptions:
         def pick(value: Any, own: Any) -> Any:
             return own if value is None else value
 
         convert = pick(do_convert_rgb, self.do_convert_rgb)
+        crop = None
+        if "do_center_crop" in self.option_names and bool(pick(do_center_crop, self.do_center_crop)):
+            crop = get_crop_size_dict(pick(crop_size, self.crop_size))
         options = ProcessingOptions(
             do_resize=bool(pick(do_resize, self.do_resize)),
-            size=get_size_dict(pick(size, self.size)),
+            size=self._size_dict(pick(size, self.size)),
             resample=_resample_int(pick(resample, self.resample)),
             do_rescale=bool(pick(do_rescale, self.do_rescale)),
             rescale_factor=float(pick(rescale_factor, self.rescale_factor)),
@@ -264,6 +347,7 @@ class BaseViTImageProcessor:
             convert_rgb=convert is None or bool(convert),
             data_format=_channel_format(data_format) or CHANNELS_FIRST,
             input_data_format=_channel_format(input_data_format),
+            crop_size=crop,
         )
         std = options.image_std if isinstance(options.image_std, list) else [options.image_std]
         if options.do_normalize and any(s == 0 for s in std):
@@ -296,7 +380,7 @@ class BaseViTImageProcessor:
     def to_dict(self) -> dict[str, Any]:
         """The options as transformers writes them (plus the unknown keys kept on load)."""
         d: dict[str, Any] = dict(self.extra)
-        for name in _OPTION_NAMES:
+        for name in self.option_names:
             value = getattr(self, name)
             d[name] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) else value
         d["image_processor_type"] = self.config_type
@@ -334,10 +418,24 @@ class BaseViTImageProcessor:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BaseViTImageProcessor":
+        """Build from a ``preprocessor_config.json`` file; ``overrides`` replace its values.
+
+        Args:
+            path: the json file.
+            **overrides: option values that replace the file's.
+        """
         path = pathlib.Path(path)
-        config = read_json_file(path, PREPROCESSOR_CONFIG_NAME)
+        return cls._from_file_dict(read_json_file(path, PREPROCESSOR_CONFIG_NAME), path, overrides)
+
+    @classmethod
+    def _from_file_dict(cls, config: Any, path: pathlib.Path, overrides: Mapping[str, Any]) -> "BaseViTImageProcessor":
+        source = str(path)
+        if isinstance(config, Mapping):
+            kind = AutoImageProcessor.processor_type(config)
+            if kind.removesuffix("Fast") != cls.config_type:
+                source += f" (a {kind} file)"
         try:
-            return cls.from_dict(config, **overrides)
+            return cls.from_dict(config, **overrides, _config_source=source)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
@@ -359,26 +457,86 @@ class BaseViTImageProcessor:
         feature-extractor files (``"feature_extractor_type": "ViTFeatureExtractor"``,
         ``"size": 224``) are read too. ``overrides`` replace values of the file.
         """
-        path = pathlib.Path(pretrained_model_name_or_path)
-        if path.is_file():
-            return cls.from_json_file(path, **overrides)
-        if path.is_dir():
-            return cls.from_json_file(path / PREPROCESSOR_CONFIG_NAME, **overrides)
-        import huggingface_hub
+        path = resolve_preprocessor_config(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only,
+        )
+        return cls.from_json_file(path, **overrides)
 
-        repo_id = str(pretrained_model_name_or_path)
-        try:
-            local = huggingface_hub.hf_hub_download(
-                repo_id, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=local_files_only,
-            )
-        # huggingface_hub's errors are OSError (HTTP / missing cache entry) or ValueError (bad id).
-        except (OSError, ValueError) as e:
-            raise OSError(
-                f"cannot read {PREPROCESSOR_CONFIG_NAME} for {repo_id!r}: it is not a local directory or file, "
-                f"and the Hugging Face Hub (revision={revision!r}) did not provide it: {e}"
-            ) from e
-        return cls.from_json_file(local, **overrides)
+
+def resolve_preprocessor_config(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> pathlib.Path:
+    """The local path of ``preprocessor_config.json`` for a directory, the file itself or a hub id.
+
+    Args:
+        pretrained_model_name_or_path: a directory holding the file, the json file, or a hub id
+            (fetched with ``huggingface_hub.hf_hub_download`` into its cache).
+        revision: the hub revision (branch, tag or commit).
+        cache_dir: the hub cache to use instead of the default one.
+        token: the hub token.
+        local_files_only: only look in the hub cache.
+
+    Returns:
+        The path of the json file (not yet read).
+    """
+    path = pathlib.Path(pretrained_model_name_or_path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return path / PREPROCESSOR_CONFIG_NAME
+    import huggingface_hub
+
+    repo_id = str(pretrained_model_name_or_path)
+    try:
+        local = huggingface_hub.hf_hub_download(
+            repo_id, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only,
+        )
+    # huggingface_hub's errors are OSError (HTTP / missing cache entry) or ValueError (bad id).
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"cannot read {PREPROCESSOR_CONFIG_NAME} for {repo_id!r}: it is not a local directory or file, "
+            f"and the Hugging Face Hub (revision={revision!r}) did not provide it: {e}"
+        ) from e
+    return pathlib.Path(local)
+
+
+# --------------------------------------------------------------------------------------------- slow path
+def _process_one(image: np.ndarray, options: ProcessingOptions) -> np.ndarray:
+    """(H, W, C) -> (height, width, C) float32 through resize, center crop, rescale, normalize."""
+    if options.do_resize:
+        height, width = resize_output_size(image.shape[0], image.shape[1], options.size)
+        pixels, scaled_up = to_uint8_for_resize(image)
+        image = resize_with_pillow(pixels, height, width, options.resample)
+        if scaled_up:  # back to the [0, 1] range the image came in, as transformers' resize does
+            image = rescale(image, 1 / 255)
+    if options.crop_size is not None:
+        image = center_crop(image, options.crop_size["height"], options.crop_size["width"])
+    if options.do_rescale:
+        image = rescale(image, options.rescale_factor)
+    if options.do_normalize:
+        image = normalize(image, options.image_mean, options.image_std)
+    return image.astype(np.float32, copy=False)
+
+
+def _preprocess_slow(
+    processor: BaseViTImageProcessor, images: ImageInput, options: ProcessingOptions, return_tensors: Any
+) -> BatchFeature:
+    """The slow processors' common body: prepare, process each image, stack, convert."""
+    processed = [_process_one(image, options) for image in processor._prepare(images, options)]
+    if options.data_format == CHANNELS_FIRST:
+        processed = [image.transpose(2, 0, 1) for image in processed]
+    if len({image.shape for image in processed}) == 1:
+        pixel_values: np.ndarray | list[np.ndarray] = np.ascontiguousarray(np.stack(processed))
+    else:
+        pixel_values = processed
+    return BatchFeature(pixel_values=convert_to_tensors(pixel_values, return_tensors))
 
 
 class ViTImageProcessor(BaseViTImageProcessor):
@@ -388,6 +546,10 @@ class ViTImageProcessor(BaseViTImageProcessor):
     resample=2 (Pillow BILINEAR), do_rescale=True, rescale_factor=1/255, do_normalize=True,
     image_mean=image_std=[0.5, 0.5, 0.5], do_convert_rgb=None (= convert non-RGB images; False
     keeps an image's own channels).
+
+    Keys of other processors' files that change the pixels there (``do_center_crop`` /
+    ``crop_size`` of a DeiT file, ``crop_pct``, ...) are ignored as transformers ignores them, with
+    a UserWarning naming them; ``AutoImageProcessor`` picks the processor the file was written for.
     """
 
     def preprocess(
@@ -422,28 +584,7 @@ class ViTImageProcessor(BaseViTImageProcessor):
             do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
             do_convert_rgb, data_format, input_data_format,
         )
-        processed = [self._process_one(image, options) for image in self._prepare(images, options)]
-        if options.data_format == CHANNELS_FIRST:
-            processed = [image.transpose(2, 0, 1) for image in processed]
-        if len({image.shape for image in processed}) == 1:
-            pixel_values: np.ndarray | list[np.ndarray] = np.ascontiguousarray(np.stack(processed))
-        else:
-            pixel_values = processed
-        return BatchFeature(pixel_values=convert_to_tensors(pixel_values, return_tensors))
-
-    @staticmethod
-    def _process_one(image: np.ndarray, options: ProcessingOptions) -> np.ndarray:
-        """(H, W, C) -> (height, width, C) float32 through resize, rescale, normalize."""
-        if options.do_resize:
-            pixels, scaled_up = to_uint8_for_resize(image)
-            image = resize_with_pillow(pixels, options.size["height"], options.size["width"], options.resample)
-            if scaled_up:  # back to the [0, 1] range the image came in, as transformers' resize does
-                image = rescale(image, 1 / 255)
-        if options.do_rescale:
-            image = rescale(image, options.rescale_factor)
-        if options.do_normalize:
-            image = normalize(image, options.image_mean, options.image_std)
-        return image.astype(np.float32, copy=False)
+        return _preprocess_slow(self, images, options, return_tensors)
 
 
 class ViTFeatureExtractor(ViTImageProcessor):
@@ -462,12 +603,236 @@ class ViTFeatureExtractor(ViTImageProcessor):
         super().__init__(*args, **kwargs)
 
 
+class DeiTImageProcessor(BaseViTImageProcessor):
+    """transformers' slow DeiT image processor: resize, center crop, rescale, normalize.
+
+    The numbers are those of transformers 4.x ``DeiTImageProcessor`` (matched to max |diff| <=
+    1e-6 on real photos): the steps of ``ViTImageProcessor`` (see the module docstring) with a
+    center crop after the resize (transformers' ``center_crop``: the window at
+    ``((H - h) // 2, (W - w) // 2)``, zero padding where the image is smaller than the crop).
+
+    Options (defaults as transformers): do_resize=True, size={"height": 256, "width": 256},
+    resample=3 (Pillow BICUBIC), do_center_crop=True, crop_size={"height": 224, "width": 224},
+    do_rescale=True, rescale_factor=1/255, do_normalize=True, image_mean=image_std=[0.5, 0.5,
+    0.5] (the facebook/deit-* files store the ImageNet [0.485, 0.456, 0.406] / [0.229, 0.224,
+    0.225]), do_convert_rgb=None as ViTImageProcessor.
+
+    ``size`` is read in every form these files use: ``{"height": h, "width": w}``, a legacy int
+    (``"size": 256`` of DeiTFeatureExtractor files: 256 x 256, transformers' ``get_size_dict``
+    rule) or ``{"shortest_edge": s}`` (the shorter edge to ``s``, the aspect ratio kept, as
+    transformers resizes ``shortest_edge``; its slow DeiT class refuses this form, its fast one
+    applies it).
+    """
+
+    config_type: ClassVar[str] = "DeiTImageProcessor"
+    option_names: ClassVar[tuple[str, ...]] = _OPTION_NAMES + ("do_center_crop", "crop_size")
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | Sequence[int] | Mapping[str, int] | None = None,
+        resample: int = 3,
+        do_center_crop: bool = True,
+        crop_size: int | Sequence[int] | Mapping[str, int] | None = None,
+        rescale_factor: float = 1 / 255,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Args:
+            do_resize: resize the images to ``size``.
+            size: the resize size (see the class docstring); default 256 x 256.
+            resample: the Pillow filter of the resize (an int as the files store it, 3 = BICUBIC).
+            do_center_crop: crop the centre of the resized image.
+            crop_size: the crop's {"height", "width"} (or an int / pair); default 224 x 224.
+            rescale_factor: the factor of the rescale step (1/255).
+            do_rescale: multiply the pixels by ``rescale_factor``.
+            do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
+            image_mean: a number or one per channel; default [0.5, 0.5, 0.5].
+            image_std: a number or one per channel; default [0.5, 0.5, 0.5].
+            do_convert_rgb: None / True: convert images to RGB; False: keep their channels.
+            **kwargs: other keys of a preprocessor_config.json, kept and written back.
+        """
+        self.do_center_crop = bool(do_center_crop)
+        self.crop_size = get_crop_size_dict(crop_size if crop_size is not None else {"height": 224, "width": 224})
+        super().__init__(
+            do_resize=do_resize, size=size if size is not None else {"height": 256, "width": 256}, resample=resample,
+            do_rescale=do_rescale, rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
+            image_std=image_std, do_convert_rgb=do_convert_rgb, **kwargs,
+        )
+
+    @staticmethod
+    def _size_dict(size: Any) -> dict[str, int]:
+        return get_resize_size_dict(size)
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        *,
+        do_resize: bool | None = None,
+        size: Any = None,
+        resample: Any = None,
+        do_center_crop: bool | None = None,
+        crop_size: Any = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
+        return_tensors: Any = None,
+        data_format: Any = CHANNELS_FIRST,
+        input_data_format: Any = None,
+    ) -> BatchFeature:
+        """Images -> ``BatchFeature(pixel_values=...)``, as ``ViTImageProcessor.preprocess``.
+
+        Args:
+            images: a PIL image, an (H, W), (H, W, C) or (C, H, W) array (numpy / torch / tf /
+                jax, uint8 or float), a (batch, ...) array, or a list of these.
+            do_resize, size, resample, do_center_crop, crop_size, do_rescale, rescale_factor,
+                do_normalize, image_mean, image_std, do_convert_rgb: override the processor's
+                option of that name for this call.
+            return_tensors: None / "np" (numpy), "pt", "tf" or "jax".
+            data_format: "channels_first" (default) or "channels_last" for the output.
+            input_data_format: the channel axis of array inputs (inferred when None).
+
+        Returns:
+            ``BatchFeature`` with ``pixel_values``: (batch, channels, crop height, crop width)
+            float32 (the resized size without the crop).
+        """
+        options = self._resolve_options(
+            do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+            do_convert_rgb, data_format, input_data_format, do_center_crop=do_center_crop, crop_size=crop_size,
+        )
+        return _preprocess_slow(self, images, options, return_tensors)
+
+
+class DeiTFeatureExtractor(DeiTImageProcessor):
+    """Deprecated name of DeiTImageProcessor (as in transformers); warns once per process."""
+
+    _deprecation_warned: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if not DeiTFeatureExtractor._deprecation_warned:
+            DeiTFeatureExtractor._deprecation_warned = True
+            warnings.warn(
+                "DeiTFeatureExtractor is deprecated and will be removed; use DeiTImageProcessor instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+        super().__init__(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- auto
+# image_processor_type (or feature_extractor_type with FeatureExtractor -> ImageProcessor) -> class.
+_PROCESSOR_TYPES: dict[str, str] = {
+    "ViTImageProcessor": "ViTImageProcessor",
+    "ViTImageProcessorFast": "ViTImageProcessorFast",
+    "DeiTImageProcessor": "DeiTImageProcessor",
+    "DeiTImageProcessorFast": "DeiTImageProcessor",  # vitx has no fast DeiT processor
+}
+
+
+def _processor_class(name: str) -> type[BaseViTImageProcessor]:
+    if name == "ViTImageProcessorFast":
+        from .image_processing_fast import ViTImageProcessorFast
+
+        return ViTImageProcessorFast
+    return {"ViTImageProcessor": ViTImageProcessor, "DeiTImageProcessor": DeiTImageProcessor}[name]
+
+
+class AutoImageProcessor:
+    """transformers' ``AutoImageProcessor``: the processor class a ``preprocessor_config.json`` names.
+
+    Not instantiable; use :meth:`from_pretrained`.
+    """
+
+    def __init__(self) -> None:
+        raise OSError("AutoImageProcessor is designed to be instantiated with AutoImageProcessor.from_pretrained(path)")
+
+    @staticmethod
+    def processor_type(config: Mapping[str, Any]) -> str:
+        """The processor type a preprocessor config dict names, in transformers' rule.
+
+        Args:
+            config: the parsed ``preprocessor_config.json``.
+
+        Returns:
+            ``image_processor_type``, else ``feature_extractor_type`` with "FeatureExtractor"
+            replaced by "ImageProcessor", else "ViTImageProcessor" (the file names none).
+        """
+        kind = config.get("image_processor_type")
+        if kind is None and config.get("feature_extractor_type") is not None:
+            kind = str(config["feature_extractor_type"]).replace("FeatureExtractor", "ImageProcessor")
+        return "ViTImageProcessor" if kind is None else str(kind)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        use_fast: bool | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> BaseViTImageProcessor:
+        """Read ``preprocessor_config.json`` and build the processor it was written for.
+
+        Args:
+            pretrained_model_name_or_path: a directory holding the file, the json file, or a hub id.
+            use_fast: None: a fast processor only where the file names one ("...Fast");
+                True: ViTImageProcessorFast for ViT files (DeiT has only the slow processor, which
+                is used with a warning); False: always the slow processor.
+            revision, cache_dir, token, local_files_only: as ``ViTImageProcessor.from_pretrained``.
+            **overrides: option values that replace the file's.
+
+        Returns:
+            ``ViTImageProcessor`` (also when the file names no type), ``DeiTImageProcessor`` or
+            ``ViTImageProcessorFast``. An unsupported type raises a ValueError naming it and the file.
+        """
+        path = resolve_preprocessor_config(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only,
+        )
+        config = read_json_file(path, PREPROCESSOR_CONFIG_NAME)
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{path}: an image processor config must be a JSON object, got {type(config).__name__}")
+        kind = cls.processor_type(config)
+        if kind not in _PROCESSOR_TYPES:
+            raise ValueError(
+                f"{path}: unsupported image processor type {kind!r}; vitx reads "
+                f"{', '.join(sorted(_PROCESSOR_TYPES))} (and their *FeatureExtractor names)"
+            )
+        name = _PROCESSOR_TYPES[kind]
+        fast = kind.endswith("Fast") if use_fast is None else bool(use_fast)
+        if fast and name == "ViTImageProcessor":
+            name = "ViTImageProcessorFast"
+        elif not fast and name == "ViTImageProcessorFast":
+            name = "ViTImageProcessor"
+        elif fast and name == "DeiTImageProcessor":
+            warnings.warn(
+                f"{path}: vitx has no fast DeiT image processor; using DeiTImageProcessor (the slow one)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return _processor_class(name)._from_file_dict(config, path, overrides)
+
+
 __all__ = [
+    "AutoImageProcessor",
     "BatchFeature",
     "BaseViTImageProcessor",
+    "DeiTFeatureExtractor",
+    "DeiTImageProcessor",
     "ViTFeatureExtractor",
     "ViTImageProcessor",
     "PREPROCESSOR_CONFIG_NAME",
     "infer_channel_dimension_format",
     "prepare_image",
+    "resolve_preprocessor_config",
 ]

@@ -235,6 +235,57 @@ def resize_with_pillow(image: np.ndarray, height: int, width: int, resample: int
     return resized[:, :, None] if resized.ndim == 2 else resized
 
 
+def resize_output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """The (height, width) an image of (height, width) is resized to, by transformers' rule.
+
+    Args:
+        height: the image's height.
+        width: the image's width.
+        size: ``{"height": h, "width": w}`` (that size exactly, the aspect ratio not kept) or
+            ``{"shortest_edge": s}`` (the shorter edge becomes ``s``, the longer one
+            ``int(s * long / short)``, truncated, as transformers' ``get_resize_output_image_size``
+            with ``default_to_square=False``).
+
+    Returns:
+        ``(new_height, new_width)``.
+    """
+    if "shortest_edge" in size:
+        new_short = int(size["shortest_edge"])
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(new_short * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    return int(size["height"]), int(size["width"])
+
+
+def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, C) -> (height, width, C): the centre of the image, as transformers' ``center_crop``.
+
+    The window starts at ``(H - height) // 2`` / ``(W - width) // 2``. An image smaller than the
+    crop along an edge is first padded with zeros (in its own dtype) to the crop size along that
+    edge, ``ceil(pad / 2)`` before it, the rest after it, exactly as transformers pads.
+
+    Args:
+        image: an (height, width, channels) array of any dtype.
+        height: the crop's height (positive).
+        width: the crop's width (positive).
+
+    Returns:
+        The (height, width, channels) crop, a view where no padding was needed.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"crop_size must be positive, got height={height}, width={width}")
+    orig_h, orig_w = image.shape[0], image.shape[1]
+    top, left = (orig_h - height) // 2, (orig_w - width) // 2
+    if top >= 0 and left >= 0:  # the crop fits: bottom = top + height <= orig_h follows
+        return image[top:top + height, left:left + width]
+    new_h, new_w = max(height, orig_h), max(width, orig_w)
+    padded = np.zeros((new_h, new_w) + image.shape[2:], dtype=image.dtype)
+    top_pad, left_pad = -(-(new_h - orig_h) // 2), -(-(new_w - orig_w) // 2)  # ceil
+    padded[top_pad:top_pad + orig_h, left_pad:left_pad + orig_w] = image
+    top, left = top + top_pad, left + left_pad
+    return padded[max(0, top):min(new_h, top + height), max(0, left):min(new_w, left + width)]
+
+
 def rescale(image: np.ndarray, scale: float) -> np.ndarray:
     """``float32(float64(x) * scale)``: transformers multiplies in float64 and casts at the end."""
     return (image.astype(np.float64) * scale).astype(np.float32)
