@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
                        description="Convert any supported checkpoint (transformers PT/TF/Flax, timm, JAX npz, "
-                                   "big_vision npz; detected from its contents) to another format.")
+                                   "big_vision npz; detected from its contents) to another format. Every format's "
+                                   "names and layouts: docs/FORMATS.md; what is read, refused and written: "
+                                   "docs/checkpoints.md.")
     p.add_argument("src", help="checkpoint directory, weights file or hub id")
     p.add_argument("dst", help="output directory (or file for --to timm/jax/big_vision with a .safetensors/.npz name)")
     p.add_argument("--to", default="safetensors", choices=TARGETS, help="target format (default: safetensors)")
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="run a checkpoint in every framework and compare outputs",
                        description="Load the checkpoint in each installed framework, feed identical pixel values, "
                                    "print max |diff| per output per framework pair. Exit 1 over the tolerance. "
-                                   "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos.")
+                                   "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos. "
+                                   "The bounds: docs/NUMERICS.md.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint (default: built-in seeded ViT-B/16)")
     p.add_argument("--images", nargs="+", help="image files (default: the bundled sample photos)")
     p.add_argument("--frameworks", nargs="+", type=_framework_list, default=[["torch", "tf", "flax"]],
@@ -59,11 +62,15 @@ def _parser() -> argparse.ArgumentParser:
                         "report catches a corrupted weight")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("classify", help="top-k labels of images", description="Classify images with a checkpoint.")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"])
-    p.add_argument("--top-k", type=int, default=5)
+    p = sub.add_parser("classify", help="top-k labels of images",
+                       description="Classify images with a checkpoint that has a classifier head, as transformers' "
+                                   "image-classification pipeline (softmax scores; sigmoids for multi-label). "
+                                   "See docs/cli.md.")
+    p.add_argument("checkpoint", help="checkpoint with a classifier head: directory, weights file or hub id")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (preprocessed with the checkpoint's image processor)")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"],
+                   help="framework that runs the model (default: torch)")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image, best first (default: 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -131,8 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint",
+                       description="Detect a checkpoint's format from its contents (docs/FORMATS.md) and print its "
+                                   "config, parameter count, dtypes and labels, without building a model.")
+    p.add_argument("checkpoint", help="checkpoint directory, weights file or hub id (any format vitx reads)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
