@@ -214,6 +214,33 @@ def test_attentions_from_config_flag_and_tuple_output(framework: str, tiny: Any)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_attentions_on_the_large_batch_and_compiled_paths(framework: str, tiny: Any) -> None:
+    """A batch large enough for the CPU sub-batching speed path (128 images x 17 tokens) still returns
+    every image's attentions (the speed path is skipped when they are asked for); so does TF's call
+    traced by tf.function and Flax's jit-compiled call."""
+    if framework not in AVAILABLE:
+        pytest.skip(f"{framework} not installed")
+    config, state = tiny
+    rng = np.random.default_rng(1)
+    pixel_values = np.concatenate([photo_pixels(32, 32), rng.standard_normal((127, 3, 32, 32)).astype(np.float32)])
+    with pinned_precision(framework):
+        model = build_model(framework, config, state, "classification")
+        if framework == "tf":
+            import tensorflow as tf
+
+            call = tf.function(lambda x: model(x, output_attentions=True).attentions)
+            attentions = [to_numpy(a) for a in call(tf.constant(pixel_values))]
+        else:
+            out = model(framework_input(framework, pixel_values), output_attentions=True)
+            attentions = [to_numpy(a) for a in out.attentions]
+        single = [to_numpy(a) for a in model(framework_input(framework, pixel_values[:1]), output_attentions=True).attentions]
+    assert len(attentions) == 3 and all(a.shape == (128, 4, 17, 17) for a in attentions)
+    np.testing.assert_allclose(attention_rollout(attentions)[:1], attention_rollout(single), atol=1e-6)
+    expected = reference_forward(dict(state), config, pixel_values[-2:].astype(np.float64), "classification")["attentions"]
+    assert np.abs(attention_rollout(attentions)[-2:] - attention_rollout(expected)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("size", [(32, 32), (48, 64)], ids=["train-size", "non-square"])
 def test_layer_at_a_time_helper_gives_the_same_maps(framework: str, size: tuple[int, int], tiny: Any) -> None:
     from conversion.attention import attention_map
