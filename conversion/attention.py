@@ -10,6 +10,8 @@ one layer at a time, so it never holds more than one layer's attention probabili
 - ``method="last-layer"``: the layers before the last take the fused kernel (no probabilities are
   ever formed); only the last layer's are read.
 
+In Flax each layer call goes through one ``jax.jit`` (compiled once, shared by every layer).
+
 ``model(pixel_values, output_attentions=True)`` gives the same numbers (tests/test_attention_maps.py)
 but keeps every layer's (batch, heads, tokens, tokens) array until it returns: 24 of them for ViT-L.
 
@@ -93,6 +95,7 @@ def attention_map(model: Any, pixel_values: Any, method: str = "rollout", *, hea
     if rollout is None:
         check_head(head, config.num_attention_heads)
     layers = list(backbone.encoder.layer)
+    run_layer = _layer_runner(framework)
     with pinned_precision(framework):
         inputs = framework_input(framework, array.astype(np.float32)) if array is not None else pixel_values
         if framework == "torch":
@@ -100,7 +103,7 @@ def attention_map(model: Any, pixel_values: Any, method: str = "rollout", *, hea
         hidden = backbone.embeddings(inputs, None, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         for i, layer in enumerate(layers):
             wanted = rollout is not None or i == len(layers) - 1
-            hidden, probs = layer(hidden, None, eager=wanted)
+            hidden, probs = run_layer(layer, hidden, wanted)
             if rollout is not None:
                 rollout.add(probs)
             elif wanted:
@@ -108,6 +111,27 @@ def attention_map(model: Any, pixel_values: Any, method: str = "rollout", *, hea
             del probs
     assert rollout is not None
     return rollout.cls_map((gh, gw))
+
+
+def _run_layer(layer: Any, hidden: Any, eager: bool) -> Any:
+    """One encoder layer without a head mask: (hidden, attention probabilities or None)."""
+    return layer(hidden, None, eager=eager)
+
+
+_JIT_LAYER: list[Any] = []
+
+
+def _layer_runner(framework: str) -> Any:
+    """How one layer runs: called directly in torch and TF; in Flax through jax.jit (the layer a pytree,
+    ``eager`` static), compiled once and shared by every layer of the same shape, as the models'
+    own calls are (vit_flax.modeling)."""
+    if framework != "flax":
+        return _run_layer
+    if not _JIT_LAYER:
+        import jax
+
+        _JIT_LAYER.append(jax.jit(_run_layer, static_argnames="eager"))
+    return _JIT_LAYER[0]
 
 
 # ------------------------------------------------------------------------------------- pictures
