@@ -22,9 +22,10 @@ map over it (bilinear upsampling, a colormap written here in numpy, blended), an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,15 +89,16 @@ def attention_map(model: Any, pixel_values: Any, method: str = "rollout", *, hea
     framework = framework_of(model)
     backbone = getattr(model, getattr(model, "base_model_prefix", "vit"), model)
     config: ViTConfig = model.config
-    array = np.asarray(pixel_values) if isinstance(pixel_values, np.ndarray) else None
+    array = pixel_values if isinstance(pixel_values, np.ndarray) else None
     shape = tuple(int(d) for d in (array.shape if array is not None else pixel_values.shape))
-    gh, gw = validation.check_pixel_values(shape, True, config, bool(interpolate_pos_encoding))
+    floating = array.dtype.kind == "f" if array is not None else "float" in str(pixel_values.dtype)
+    gh, gw = validation.check_pixel_values(shape, floating, config, bool(interpolate_pos_encoding))
     rollout = AttentionRollout(discard_ratio, head_fusion) if method == "rollout" else None
     if rollout is None:
         check_head(head, config.num_attention_heads)
     layers = list(backbone.encoder.layer)
     run_layer = _layer_runner(framework)
-    with pinned_precision(framework):
+    with pinned_precision(framework), _inference_mode(model, framework):
         inputs = framework_input(framework, array.astype(np.float32)) if array is not None else pixel_values
         if framework == "torch":
             inputs = inputs.to(model.dtype)  # as the forward: inputs follow the weights' dtype
@@ -111,6 +113,20 @@ def attention_map(model: Any, pixel_values: Any, method: str = "rollout", *, hea
             del probs
     assert rollout is not None
     return rollout.cls_map((gh, gw))
+
+
+@contextlib.contextmanager
+def _inference_mode(model: Any, framework: str) -> Iterator[None]:
+    """No dropout while the map is computed: a torch model in training mode is put in eval mode
+    and back (TF layers run with training=False, Flax ones without a dropout key)."""
+    training = framework == "torch" and model.training
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
 
 
 def _run_layer(layer: Any, hidden: Any, eager: bool) -> Any:

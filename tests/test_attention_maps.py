@@ -263,6 +263,33 @@ def test_layer_at_a_time_helper_gives_the_same_maps(framework: str, size: tuple[
         attention_map(model, pixel_values, "last-layer", head=4, interpolate_pos_encoding=interpolate)
     with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):
         attention_map(model, photo_pixels(48, 48), "rollout")
+    with pytest.raises(ValueError, match="floating-point"):
+        attention_map(model, (pixel_values * 10).astype(np.uint8), "rollout", interpolate_pos_encoding=interpolate)
+    with pytest.raises(ValueError, match="method='attention' is not supported"):
+        attention_map(model, pixel_values, "attention", interpolate_pos_encoding=interpolate)
+
+
+
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")
+def test_helper_never_applies_dropout(tiny: Any) -> None:
+    """A torch model left in training mode, with dropout in the config: the map is the eval-mode one
+    (no dropout), and the model is left in training mode."""
+    import torch
+
+    from conversion.attention import attention_map
+
+    _, state = tiny
+    config = ViTConfig(**CONFIG, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    model = build_model("torch", config, state, "classification")
+    pixel_values = photo_pixels(32, 32)
+    expected = attention_map(model, pixel_values, "rollout")
+    model.train()
+    with torch.no_grad():
+        dropped = model(torch.from_numpy(pixel_values), output_attentions=True).attentions
+    assert np.abs(attention_rollout(dropped) - expected).max() > 1e-3  # training mode does drop
+    torch.manual_seed(0)
+    assert np.abs(attention_map(model, torch.from_numpy(pixel_values), "rollout") - expected).max() == 0.0
+    assert model.training
 
 
 # ------------------------------------------------------------------------------ vitx attention
@@ -318,12 +345,13 @@ def test_vitx_attention_last_layer_other_frameworks(framework: str, checkpoint: 
     if framework not in AVAILABLE:
         pytest.skip(f"{framework} not installed")
     config, state = tiny
-    camera = ROOT / "tests" / "fixtures" / "images" / "rocket.jpg"
-    done = vitx("attention", str(checkpoint), str(PHOTO), str(camera), "--output", str(tmp_path),
+    rocket = ROOT / "tests" / "fixtures" / "images" / "rocket.jpg"
+    camera = ROOT / "tests" / "fixtures" / "images" / "camera.png"  # grayscale
+    done = vitx("attention", str(checkpoint), str(PHOTO), str(rocket), str(camera), "--output", str(tmp_path),
                 "--method", "last-layer", "--head", "2", "--framework", framework)
     assert done.returncode == 0, done.stderr
-    assert "[2/2]" in done.stdout
-    for image in (PHOTO, camera):
+    assert "[3/3]" in done.stdout
+    for image in (PHOTO, rocket, camera):
         with Image.open(tmp_path / f"{image.stem}.last-layer.png") as picture, Image.open(image) as photo:
             assert picture.size == photo.size
         processor = ViTImageProcessor(size={"height": 32, "width": 32})
