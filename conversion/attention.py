@@ -231,15 +231,19 @@ def output_paths(images: Sequence[str | os.PathLike], output: str | os.PathLike,
     return paths
 
 
-def _processor(checkpoint: str | os.PathLike, config: ViTConfig) -> Any:
-    """The checkpoint's own preprocessor_config.json when it has one, else the config's size."""
+def _processor(checkpoint: str | os.PathLike, loaded: Any) -> Any:
+    """The checkpoint's own preprocessor_config.json (in its directory, or beside its weights file,
+    e.g. in the hub cache) when it has one, else the config's image size with the default mean / std."""
     from vit_core import ViTImageProcessor
 
     source = pathlib.Path(checkpoint)
-    directory = source if source.is_dir() else source.parent if source.exists() else None
-    if directory is not None and (directory / "preprocessor_config.json").is_file():
-        return ViTImageProcessor.from_pretrained(directory)
-    h, w = config.image_hw
+    candidates = [source] if source.is_dir() else []
+    if loaded.path:
+        candidates.append(pathlib.Path(loaded.path).parent)
+    for directory in candidates:
+        if (directory / "preprocessor_config.json").is_file():
+            return ViTImageProcessor.from_pretrained(directory)
+    h, w = loaded.config.image_hw
     return ViTImageProcessor(size={"height": h, "width": w})
 
 
@@ -254,7 +258,8 @@ def run_attention(checkpoint: str | os.PathLike, images: Sequence[str | os.PathL
 
     Args:
         checkpoint: any checkpoint vitx reads (directory, weights file, hub id, timm / JAX npz).
-        images: image files; each is preprocessed with the checkpoint's image processor.
+        images: image files; each is preprocessed with the checkpoint's image processor (when its size
+            is not the config's, the model runs with interpolate_pos_encoding=True).
         output: directory for ``<stem>.<method>.png`` and ``<stem>.<method>.npy`` (created if needed).
         method: "rollout" or "last-layer".
         head: for "last-layer": "mean" or a head index.
@@ -296,13 +301,15 @@ def run_attention(checkpoint: str | os.PathLike, images: Sequence[str | os.PathL
     with pinned_precision(framework):
         model = build_model(framework, loaded.config, materialize(loaded.state), task_of(loaded.state), str(checkpoint))
     check_head(head, loaded.config.num_attention_heads)
-    processor = _processor(checkpoint, loaded.config)
+    processor = _processor(checkpoint, loaded)
     pathlib.Path(output).mkdir(parents=True, exist_ok=True)
     results = []
     for index, (image, photo, (png, npy)) in enumerate(zip(images, photos, paths)):
         pixel_values = np.asarray(processor(photo, return_tensors="np")["pixel_values"], dtype=np.float32)
+        # a processor of another size than the config's (preprocessor_config.json): resample the positions
+        interpolate = tuple(pixel_values.shape[-2:]) != tuple(loaded.config.image_hw)
         grid = attention_map(model, pixel_values, method, head=head, discard_ratio=discard_ratio,
-                             head_fusion=head_fusion)[0]
+                             head_fusion=head_fusion, interpolate_pos_encoding=interpolate)[0]
         with staged_file(npy, force=overwrite) as temp:
             with open(temp, "wb") as f:
                 np.save(f, grid.astype(np.float32))

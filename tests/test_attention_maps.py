@@ -381,6 +381,35 @@ def test_vitx_attention_user_errors_exit_2(args: list[str], message: str, checkp
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")
+def test_vitx_attention_reads_the_checkpoint_processor(checkpoint: pathlib.Path, tiny: Any, tmp_path: pathlib.Path) -> None:
+    """A preprocessor_config.json beside the weights decides the input (here 48 x 64 with ImageNet mean / std)."""
+    import shutil
+
+    config, state = tiny
+    directory = tmp_path / "with-processor"
+    shutil.copytree(checkpoint, directory)
+    processor = ViTImageProcessor(size={"height": 48, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                  image_std=[0.229, 0.224, 0.225])
+    processor.save_pretrained(directory)
+    done = vitx("attention", str(directory / "model.safetensors"), str(PHOTO), "--output", str(tmp_path / "o"),
+                "--method", "last-layer")
+    assert done.returncode == 0, done.stderr
+    raw = np.load(tmp_path / "o" / "chelsea.last-layer.npy")
+    pixel_values = np.asarray(processor(Image.open(PHOTO), return_tensors="np")["pixel_values"], dtype=np.float32)
+    _, attentions = framework_attentions("torch", config, state, pixel_values, True)
+    assert raw.shape == (6, 8)
+    assert np.abs(raw - last_layer_attention(attentions, grid_hw=(6, 8))[0]).max() <= 1e-6
+
+
+def test_importing_the_attention_code_imports_no_framework() -> None:
+    code = ("import sys, vit_core.attention_maps, conversion.attention, conversion.cli; conversion.cli._parser(); "
+            "print([m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras', 'matplotlib') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
 def test_head_argument_is_parsed() -> None:
     done = vitx("attention", "x", "y.png", "--output", "o", "--head", "first")
     assert done.returncode == 2 and "expected 'mean' or a head index, got 'first'" in done.stderr
