@@ -247,6 +247,21 @@ def _processor(checkpoint: str | os.PathLike, loaded: Any) -> Any:
     return ViTImageProcessor(size={"height": h, "width": w})
 
 
+def _check_image(image: str | os.PathLike) -> None:
+    """FileNotFoundError for a missing image, ValueError naming a file Pillow cannot identify (the
+    header only: nothing is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
+
+
 def run_attention(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], output: str | os.PathLike, *,
                   method: str = "rollout", head: str | int = "mean", discard_ratio: float = 0.0,
                   head_fusion: str = "mean", framework: str = "torch", overwrite: bool = False,
@@ -288,13 +303,16 @@ def run_attention(checkpoint: str | os.PathLike, images: Sequence[str | os.PathL
     why = unavailable(framework)
     if why is not None:
         raise ImportError(f"framework {framework!r} cannot run: {why}")
+    if pathlib.Path(output).exists() and not pathlib.Path(output).is_dir():
+        raise NotADirectoryError(f"--output {output} is a file, not a directory")
     paths = output_paths(images, output, method)
     if not overwrite:
         for png, npy in paths:
             for path in (png, npy):
                 if os.path.lexists(path):
                     raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
-    photos = [open_image(image) for image in images]  # every image exists and decodes before any work
+    for image in images:  # every image exists and is an image before any work (decoded one at a time below)
+        _check_image(image)
     loaded = open_checkpoint(checkpoint, timm_model_name=timm_model_name)
     from vit_core.checkpoint.lazy import materialize
 
@@ -304,7 +322,8 @@ def run_attention(checkpoint: str | os.PathLike, images: Sequence[str | os.PathL
     processor = _processor(checkpoint, loaded)
     pathlib.Path(output).mkdir(parents=True, exist_ok=True)
     results = []
-    for index, (image, photo, (png, npy)) in enumerate(zip(images, photos, paths)):
+    for index, (image, (png, npy)) in enumerate(zip(images, paths)):
+        photo = open_image(image)
         pixel_values = np.asarray(processor(photo, return_tensors="np")["pixel_values"], dtype=np.float32)
         # a processor of another size than the config's (preprocessor_config.json): resample the positions
         interpolate = tuple(pixel_values.shape[-2:]) != tuple(loaded.config.image_hw)

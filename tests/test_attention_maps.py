@@ -368,6 +368,7 @@ def test_vitx_attention_last_layer_other_frameworks(framework: str, checkpoint: 
     (["{ckpt}", "{photo}", "--discard-ratio", "1.5"], r"discard_ratio must be in \[0, 1\)"),
     (["{ckpt}", "{photo}", "--head", "1"], "--head picks a head of the last layer"),
     (["{ckpt}", "{photo}", "{photo}"], "would both write"),
+    (["{ckpt}", "{photo}", "{ckpt}/config.json"], "config.json: not an image Pillow can read"),
 ])
 def test_vitx_attention_user_errors_exit_2(args: list[str], message: str, checkpoint: pathlib.Path,
                                            tmp_path: pathlib.Path) -> None:
@@ -408,6 +409,12 @@ def test_importing_the_attention_code_imports_no_framework() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_output_that_is_a_file_is_refused(checkpoint: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    (tmp_path / "out").write_text("x")
+    done = vitx("attention", str(checkpoint), str(PHOTO), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and f"--output {tmp_path / 'out'} is a file, not a directory" in done.stderr
 
 
 def test_head_argument_is_parsed() -> None:
