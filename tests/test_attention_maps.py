@@ -214,6 +214,37 @@ def test_attentions_from_config_flag_and_tuple_output(framework: str, tiny: Any)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_maps_take_the_framework_arrays_as_they_come(framework: str, tiny: Any) -> None:
+    """out.attentions straight from the model (torch tensors, tf.Tensors, jax Arrays; bfloat16 too)."""
+    if framework not in AVAILABLE:
+        pytest.skip(f"{framework} not installed")
+    config, state = tiny
+    pixel_values = photo_pixels(48, 64)
+    with pinned_precision(framework):
+        model = build_model(framework, config, state, "classification")
+        raw = model(framework_input(framework, pixel_values), output_attentions=True,
+                    interpolate_pos_encoding=True).attentions
+    assert type(raw[0]).__module__.split(".")[0] in {"torch": ("torch",), "tf": ("tensorflow",),
+                                                     "flax": ("jax", "jaxlib")}[framework]
+    as_numpy = [to_numpy(a).astype(np.float64) for a in raw]
+    np.testing.assert_array_equal(attention_rollout(raw, 0.3, "min", (6, 8)), attention_rollout(as_numpy, 0.3, "min", (6, 8)))
+    np.testing.assert_array_equal(last_layer_attention(raw, 1, (6, 8)), last_layer_attention(as_numpy, 1, (6, 8)))
+    if framework == "torch":
+        import torch
+
+        halved = [a.to(torch.bfloat16) for a in raw]
+    elif framework == "tf":
+        import tensorflow as tf
+
+        halved = [tf.cast(a, tf.bfloat16) for a in raw]
+    else:
+        import jax.numpy as jnp
+
+        halved = [a.astype(jnp.bfloat16) for a in raw]
+    assert np.abs(attention_rollout(halved, grid_hw=(6, 8)) - attention_rollout(as_numpy, grid_hw=(6, 8))).max() < 1e-2
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_attentions_on_the_large_batch_and_compiled_paths(framework: str, tiny: Any) -> None:
     """A batch large enough for the CPU sub-batching speed path (128 images x 17 tokens) still returns
     every image's attentions (the speed path is skipped when they are asked for); so does TF's call
