@@ -1,4 +1,4 @@
-"""The ``vitx`` command line: convert, parity, classify, finetune, info.
+"""The ``vitx`` command line: convert, parity, classify, finetune, attention, info (docs/cli.md).
 
 Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance; 2 bad input (unknown or
 corrupt checkpoint, refused variant, destination exists, missing file, bad option), reported as
@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a checkpoint to another format",
                        description="Convert any supported checkpoint (transformers PT/TF/Flax, timm, JAX npz, "
-                                   "big_vision npz; detected from its contents) to another format.")
+                                   "big_vision npz; detected from its contents) to another format. Every format's "
+                                   "names and layouts: docs/FORMATS.md; what is read, refused and written: "
+                                   "docs/checkpoints.md.")
     p.add_argument("src", help="checkpoint directory, weights file or hub id")
     p.add_argument("dst", help="output directory (or file for --to timm/jax/big_vision with a .safetensors/.npz name)")
     p.add_argument("--to", default="safetensors", choices=TARGETS, help="target format (default: safetensors)")
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="run a checkpoint in every framework and compare outputs",
                        description="Load the checkpoint in each installed framework, feed identical pixel values, "
                                    "print max |diff| per output per framework pair. Exit 1 over the tolerance. "
-                                   "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos.")
+                                   "Without CHECKPOINT: a built-in ViT-B/16 with seeded weights and bundled photos. "
+                                   "The bounds: docs/NUMERICS.md.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint (default: built-in seeded ViT-B/16)")
     p.add_argument("--images", nargs="+", help="image files (default: the bundled sample photos)")
     p.add_argument("--frameworks", nargs="+", type=_framework_list, default=[["torch", "tf", "flax"]],
@@ -59,11 +62,15 @@ def _parser() -> argparse.ArgumentParser:
                         "report catches a corrupted weight")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("classify", help="top-k labels of images", description="Classify images with a checkpoint.")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"])
-    p.add_argument("--top-k", type=int, default=5)
+    p = sub.add_parser("classify", help="top-k labels of images",
+                       description="Classify images with a checkpoint that has a classifier head, as transformers' "
+                                   "image-classification pipeline (softmax scores; sigmoids for multi-label). "
+                                   "See docs/cli.md.")
+    p.add_argument("checkpoint", help="checkpoint with a classifier head: directory, weights file or hub id")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (preprocessed with the checkpoint's image processor)")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"],
+                   help="framework that runs the model (default: torch)")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image, best first (default: 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -104,8 +111,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="threads decoding and augmenting images (default: 2)")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes")
 
-    p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint")
-    p.add_argument("checkpoint")
+    from .attention import METHODS
+
+    p = sub.add_parser(
+        "attention", help="attention maps of images: an overlay PNG and the raw map (.npy) per image",
+        description="Per image, the attention map of CHECKPOINT's CLS token over the patches: OUTPUT/<stem>.<method>.png "
+                    "(the photo at its original size with the upsampled, coloured map blended over it) and "
+                    "OUTPUT/<stem>.<method>.npy (the raw (grid height, grid width) float32 map). Existing files are "
+                    "refused unless --overwrite; every file is written atomically. See docs/attention.md.")
+    p.add_argument("checkpoint", help="checkpoint directory, weights file or hub id (any format vitx reads)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (preprocessed with the checkpoint's image processor)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--method", default="rollout", choices=METHODS,
+                   help="rollout: attention rollout through every layer (Abnar & Zuidema 2020); last-layer: the last "
+                        "layer's CLS attention (default: rollout)")
+    p.add_argument("--head", type=_head, default="mean", metavar="mean|N",
+                   help="--method last-layer: the mean over the heads or head N (default: mean)")
+    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"],
+                   help="--method rollout: how each layer's heads are fused (default: mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0, metavar="F",
+                   help="--method rollout: fraction in [0, 1) of each layer's lowest fused weights set to zero, the "
+                        "CLS-to-CLS weight excepted (default: 0)")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"],
+                   help="framework that runs the model (default: torch; all three give the same map to 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint",
+                       description="Detect a checkpoint's format from its contents (docs/FORMATS.md) and print its "
+                                   "config, parameter count, dtypes and labels, without building a model.")
+    p.add_argument("checkpoint", help="checkpoint directory, weights file or hub id (any format vitx reads)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -118,6 +154,19 @@ def _framework_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"no framework named in {text!r}")
     return names
+
+
+def _head(text: str) -> str | int:
+    """One --head argument: "mean" or a head index."""
+    if text == "mean":
+        return "mean"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'mean' or a head index, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a head index is >= 0, got {value}")
+    return value
 
 
 def _setup_quiet(quiet: bool) -> None:
@@ -190,6 +239,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from .attention import run_attention
+
+    run_attention(args.checkpoint, list(args.images), args.output, method=args.method, head=args.head,
+                  discard_ratio=args.discard_ratio, head_fusion=args.head_fusion, framework=args.framework,
+                  overwrite=args.overwrite, timm_model_name=args.timm_model, progress=not args.quiet)
+    return EXIT_OK
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .detect import open_checkpoint
     from .formats.base import PROVENANCE_KEY, architecture_of
@@ -241,7 +299,7 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "finetune": _cmd_finetune,
-            "info": _cmd_info}
+            "attention": _cmd_attention, "info": _cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -631,10 +631,45 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         rngs: nnx.Rngs | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> BaseModelOutputWithPooling | tuple[Array, ...]:
-        """``forward``, jit-compiled once per input shape and option set. With ``train=True``, dropout
-        needs ``dropout_rng=`` (a key) or ``rngs=`` (an nnx.Rngs with a ``dropout`` stream).
-        ``params`` (a tree like ``model.params``, as transformers' Flax classes take it) runs the
-        model with those parameter values instead of its own, e.g. under jax.grad."""
+        """The bare ViT: pixel values -> hidden states of every token (and the pooled CLS token).
+
+        ``forward``, jit-compiled once per input shape and option set (the options are static arguments of
+        jax.jit).
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch embedding is replaced by the mask token
+                (the model must be built with use_mask_token=True); None masks nothing.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+            rngs: an nnx.Rngs with a dropout stream, instead of dropout_rng=, with train=True.
+            params: a parameter tree like model.params (as transformers' Flax classes take it): run with those
+                values instead of the model's own, e.g. under jax.grad. None: the model's parameters.
+
+        Returns:
+            BaseModelOutputWithPooling (TFBaseModelOutputWithPooling in vit_tf), or a tuple when return_dict is
+            False: last_hidden_state (batch, tokens, hidden) after the final layernorm, pooler_output (batch,
+            pooler size) or None without a pooler, hidden_states (layers + 1 arrays) or None, attentions (layers
+            arrays) or None.
+        """
         return self._compiled_call(
             {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "head_mask": head_mask},
             {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
@@ -656,13 +691,40 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
     ) -> BaseModelOutputWithPooling | tuple[Array, ...]:
-        """pixel_values (batch, channels, height, width) float -> BaseModelOutputWithPooling. Traceable.
+        """The bare ViT: pixel values -> hidden states of every token (and the pooled CLS token).
 
-        bool_masked_pos (batch, patches) bool needs ``use_mask_token=True``. head_mask (heads,) or
-        (layers, heads) multiplies the attention probabilities. output_attentions or a head mask
-        take the eager attention path. Returns last_hidden_state (batch, tokens, hidden),
-        pooler_output (batch, pooler size) or None, hidden_states (layers + 1 arrays, before the
-        final layernorm) and attentions (layers arrays (batch, heads, tokens, tokens)).
+        Traceable: use it under your own jax.jit / jax.grad / jax.vmap.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch embedding is replaced by the mask token
+                (the model must be built with use_mask_token=True); None masks nothing.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+
+        Returns:
+            BaseModelOutputWithPooling (TFBaseModelOutputWithPooling in vit_tf), or a tuple when return_dict is
+            False: last_hidden_state (batch, tokens, hidden) after the final layernorm, pooler_output (batch,
+            pooler size) or None without a pooler, hidden_states (layers + 1 arrays) or None, attentions (layers
+            arrays) or None.
         """
         output_attentions = flag(output_attentions, self.config, "output_attentions", False)
         output_hidden_states = flag(output_hidden_states, self.config, "output_hidden_states", False)
@@ -749,7 +811,44 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
         rngs: nnx.Rngs | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> MaskedImageModelingOutput | tuple[Array, ...]:
-        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__)."""
+        """SimMIM masked image modeling: pixel values -> the reconstructed image (and the masked L1 loss).
+
+        ``forward``, jit-compiled once per input shape and option set (the options are static arguments of
+        jax.jit).
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch is masked (its embedding replaced by the
+                mask token); with it the output has the masked L1 reconstruction loss. None: no loss.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+            rngs: an nnx.Rngs with a dropout stream, instead of dropout_rng=, with train=True.
+            params: a parameter tree like model.params (as transformers' Flax classes take it): run with those
+                values instead of the model's own, e.g. under jax.grad. None: the model's parameters.
+
+        Returns:
+            MaskedImageModelingOutput (TFMaskedImageModelingOutput in vit_tf), or a tuple when return_dict is
+            False: loss (scalar) or None, reconstruction (batch, channels, grid height * encoder_stride, grid
+            width * encoder_stride), hidden_states or None, attentions or None.
+        """
         return self._compiled_call(
             {"pixel_values": pixel_values, "bool_masked_pos": bool_masked_pos, "head_mask": head_mask},
             {"output_attentions": flag(output_attentions, self.config, "output_attentions", False),
@@ -771,8 +870,40 @@ class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
     ) -> MaskedImageModelingOutput | tuple[Array, ...]:
-        """pixel_values (batch, channels, height, width) -> reconstruction (batch, channels, gh * stride,
-        gw * stride) and, with bool_masked_pos (batch, patches), the masked L1 loss. Traceable."""
+        """SimMIM masked image modeling: pixel values -> the reconstructed image (and the masked L1 loss).
+
+        Traceable: use it under your own jax.jit / jax.grad / jax.vmap.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch is masked (its embedding replaced by the
+                mask token); with it the output has the masked L1 reconstruction loss. None: no loss.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+
+        Returns:
+            MaskedImageModelingOutput (TFMaskedImageModelingOutput in vit_tf), or a tuple when return_dict is
+            False: loss (scalar) or None, reconstruction (batch, channels, grid height * encoder_stride, grid
+            width * encoder_stride), hidden_states or None, attentions or None.
+        """
         return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
@@ -848,10 +979,49 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         rngs: nnx.Rngs | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> ImageClassifierOutput | tuple[Array, ...]:
-        """``forward``, jit-compiled once per input shape and option set (see FlaxViTModel.__call__).
+        """Image classification: pixel values -> logits (and the loss with labels).
 
-        Concrete labels are checked here, before they become int32 device arrays: a single-label
-        class index outside [0, num_labels) other than -100 is a ValueError naming it."""
+        ``forward``, jit-compiled once per input shape and option set (the options are static arguments of
+        jax.jit).
+
+        Concrete labels are checked here, before they become device arrays: a single-label class index
+        outside [0, num_labels) other than -100 is a ValueError naming it.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            labels: (batch,) integer class indices (cross-entropy; -100 is ignored), (batch, num_labels) floats
+                (multi-label, BCE with logits) or (batch,) floats (regression, num_labels=1, MSE):
+                config.problem_type decides, inferred from the labels as transformers does when unset. None: no
+                loss.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+            rngs: an nnx.Rngs with a dropout stream, instead of dropout_rng=, with train=True.
+            params: a parameter tree like model.params (as transformers' Flax classes take it): run with those
+                values instead of the model's own, e.g. under jax.grad. None: the model's parameters.
+
+        Returns:
+            ImageClassifierOutput (TFImageClassifierOutput in vit_tf), or a tuple when return_dict is False:
+            loss (scalar) or None, logits (batch, num_labels) from the final layernormed CLS token,
+            hidden_states or None, attentions or None.
+        """
         if labels is not None and not isinstance(labels, jax.core.Tracer):
             check_labels(np.asarray(labels), self.config)
         return self._compiled_call(
@@ -875,9 +1045,42 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         train: bool = False,
         dropout_rng: Array | None = None,
     ) -> ImageClassifierOutput | tuple[Array, ...]:
-        """pixel_values (batch, channels, height, width) -> logits (batch, num_labels); loss with labels:
-        (batch,) class indices, (batch, num_labels) floats for multi-label, (batch,) floats for regression.
-        Traceable."""
+        """Image classification: pixel values -> logits (and the loss with labels).
+
+        Traceable: use it under your own jax.jit / jax.grad / jax.vmap.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            labels: (batch,) integer class indices (cross-entropy; -100 is ignored), (batch, num_labels) floats
+                (multi-label, BCE with logits) or (batch,) floats (regression, num_labels=1, MSE):
+                config.problem_type decides, inferred from the labels as transformers does when unset. None: no
+                loss.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            train: apply dropout (hidden and attention dropout of the config); needs dropout_rng= or rngs=.
+                Default False (inference).
+            dropout_rng: a jax.random key for the dropout masks, with train=True.
+
+        Returns:
+            ImageClassifierOutput (TFImageClassifierOutput in vit_tf), or a tuple when return_dict is False:
+            loss (scalar) or None, logits (batch, num_labels) from the final layernormed CLS token,
+            hidden_states or None, attentions or None.
+        """
         return_dict = flag(return_dict, self.config, "return_dict", True)
         outputs = self.vit.forward(pixel_values, None, head_mask, output_attentions, output_hidden_states,
                                    interpolate_pos_encoding, return_dict=True, train=train, dropout_rng=dropout_rng)

@@ -721,13 +721,37 @@ class TFViTModel(TFViTPreTrainedModel):
         return_dict: bool | None = None,
         training: bool = False,
     ) -> TFBaseModelOutputWithPooling | tuple[tf.Tensor, ...]:
-        """pixel_values (batch, channels, height, width) float -> TFBaseModelOutputWithPooling.
+        """The bare ViT: pixel values -> hidden states of every token (and the pooled CLS token).
 
-        bool_masked_pos (batch, patches) bool needs ``use_mask_token=True``. head_mask (heads,) or
-        (layers, heads) multiplies the attention probabilities. output_attentions or a head mask
-        take the eager attention path. ``training=True`` applies dropout. Returns last_hidden_state
-        (batch, tokens, hidden), pooler_output (batch, pooler size) or None, hidden_states (layers + 1
-        tensors, before the final layernorm) and attentions (layers tensors (batch, heads, tokens, tokens)).
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch embedding is replaced by the mask token
+                (the model must be built with use_mask_token=True); None masks nothing.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            training: Keras' training flag: True applies dropout (hidden and attention dropout of the config).
+                Default False (inference).
+
+        Returns:
+            BaseModelOutputWithPooling (TFBaseModelOutputWithPooling in vit_tf), or a tuple when return_dict is
+            False: last_hidden_state (batch, tokens, hidden) after the final layernorm, pooler_output (batch,
+            pooler size) or None without a pooler, hidden_states (layers + 1 arrays) or None, attentions (layers
+            arrays) or None.
         """
         output_attentions = flag(output_attentions, self.config, "output_attentions", False)
         output_hidden_states = flag(output_hidden_states, self.config, "output_hidden_states", False)
@@ -810,8 +834,39 @@ class TFViTForMaskedImageModeling(TFViTPreTrainedModel):
         return_dict: bool | None = None,
         training: bool = False,
     ) -> TFMaskedImageModelingOutput | tuple[tf.Tensor, ...]:
-        """pixel_values (batch, channels, height, width) -> reconstruction (batch, channels, gh * stride,
-        gw * stride) and, with bool_masked_pos (batch, patches), the masked L1 loss (float32)."""
+        """SimMIM masked image modeling: pixel values -> the reconstructed image (and the masked L1 loss).
+
+        The loss is float32 whatever the compute dtype.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            bool_masked_pos: (batch, patches) bool, True where a patch is masked (its embedding replaced by the
+                mask token); with it the output has the masked L1 reconstruction loss. None: no loss.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            training: Keras' training flag: True applies dropout (hidden and attention dropout of the config).
+                Default False (inference).
+
+        Returns:
+            MaskedImageModelingOutput (TFMaskedImageModelingOutput in vit_tf), or a tuple when return_dict is
+            False: loss (scalar) or None, reconstruction (batch, channels, grid height * encoder_stride, grid
+            width * encoder_stride), hidden_states or None, attentions or None.
+        """
         return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
@@ -893,9 +948,41 @@ class TFViTForImageClassification(TFViTPreTrainedModel):
         return_dict: bool | None = None,
         training: bool = False,
     ) -> TFImageClassifierOutput | tuple[tf.Tensor, ...]:
-        """pixel_values (batch, channels, height, width) -> logits (batch, num_labels); loss (float32) with
-        labels: (batch,) class indices, (batch, num_labels) floats for multi-label, (batch,) floats
-        for regression."""
+        """Image classification: pixel values -> logits (and the loss with labels).
+
+        The loss is float32 whatever the compute dtype.
+
+        Args:
+            pixel_values: (batch, channels, height, width) float pixel values, channels first (NCHW), as
+                ViTImageProcessor returns them. height x width must be the config's image size unless
+                interpolate_pos_encoding is set.
+            head_mask: (heads,) or (layers, heads) multiplying each head's attention probabilities (0 removes a
+                head, the same mask for every layer when 1-D); None keeps every head. Takes the eager attention
+                path.
+            labels: (batch,) integer class indices (cross-entropy; -100 is ignored), (batch, num_labels) floats
+                (multi-label, BCE with logits) or (batch,) floats (regression, num_labels=1, MSE):
+                config.problem_type decides, inferred from the labels as transformers does when unset. None: no
+                loss.
+            output_attentions: also return every layer's attention probabilities, (batch, heads, tokens, tokens)
+                each. They are computed whatever the attention implementation: the call takes the eager kernel
+                (the fused sdpa kernel forms no probabilities). None: the config's output_attentions (default
+                False). To turn them into a map see docs/attention.md.
+            output_hidden_states: also return the embeddings output and every layer's output, (batch, tokens,
+                hidden) each, before the final layernorm. None: the config's output_hidden_states (default
+                False).
+            interpolate_pos_encoding: resample the position embeddings to the input's patch grid (bicubic, the
+                kernel docs/NUMERICS.md describes), so images of another size, non-square included, run. None or
+                False: the input must have the config's image size.
+            return_dict: True (default): the output class; False: a tuple of its non-None fields in order. None:
+                the config's return_dict.
+            training: Keras' training flag: True applies dropout (hidden and attention dropout of the config).
+                Default False (inference).
+
+        Returns:
+            ImageClassifierOutput (TFImageClassifierOutput in vit_tf), or a tuple when return_dict is False:
+            loss (scalar) or None, logits (batch, num_labels) from the final layernormed CLS token,
+            hidden_states or None, attentions or None.
+        """
         return_dict = flag(return_dict, self.config, "return_dict", True)
         outputs = self.vit(pixel_values, None, head_mask, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states,
