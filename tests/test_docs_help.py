@@ -154,7 +154,8 @@ def project_files() -> list[pathlib.Path]:
     files = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "Makefile", *DOCS.glob("*.md")]
     for package in PACKAGES + ("tests", "benchmarks", "scripts"):
         files += [p for p in (ROOT / package).rglob("*.py")]
-    return [p for p in files if p.is_file()]
+    # the project's own files: not a virtual environment or cache inside it (benchmarks/.venv-peers)
+    return [p for p in files if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
 def test_every_cited_doc_exists() -> None:
