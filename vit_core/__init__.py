@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .auto import AutoConfig
 from .config import VARIANTS, ViTConfig
 from .outputs import (
     BaseModelOutputWithPooling,
@@ -37,7 +38,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "VARIANTS", "ViTConfig", "ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor",
+    "VARIANTS", "ViTConfig", "AutoConfig", "ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor",
     "ModelOutput", "BaseModelOutputWithPooling", "ImageClassifierOutput", "MaskedImageModelingOutput",
     "WeightSpec", "weight_table", "parameter_count",
 ]

@@ -14,9 +14,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vit_flax needs JAX and Flax, which are not installed: pip install vitx[flax]") from e
 
-from vit_core import ViTConfig
+from vit_core import AutoConfig, ViTConfig
 
 from .export import export_classifier, load_exported_classifier
+from .auto import FlaxAutoModel, FlaxAutoModelForImageClassification, FlaxAutoModelForMaskedImageModeling
 from .modeling import (
     FlaxViTForImageClassification,
     FlaxViTForMaskedImageModeling,
@@ -30,6 +31,10 @@ from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",
+    "AutoConfig",
+    "FlaxAutoModel",
+    "FlaxAutoModelForImageClassification",
+    "FlaxAutoModelForMaskedImageModeling",
     "FlaxViTModel",
     "FlaxViTForImageClassification",
     "FlaxViTForMaskedImageModeling",

@@ -11,8 +11,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vit_torch needs PyTorch, which is not installed: pip install vitx[torch]") from e
 
-from vit_core import ViTConfig
+from vit_core import AutoConfig, ViTConfig
 
+from .auto import AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling
 from .modeling import (
     ViTEmbeddings,
     ViTForImageClassification,
@@ -27,6 +28,10 @@ from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForImageClassification",
+    "AutoModelForMaskedImageModeling",
     "ViTModel",
     "ViTForImageClassification",
     "ViTForMaskedImageModeling",
