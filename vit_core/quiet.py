@@ -123,22 +123,31 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        for finder in [f for f in sys.meta_path if isinstance(f, _QuietTensorFlowFinder)]:
+            sys.meta_path.remove(finder)  # one import only
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
-        with quiet_tensorflow_import():
+        # (tensorflow is in sys.modules already while it executes: filter without that check)
+        with filtered_native_stderr() if default_log_level() else contextlib.nullcontext():
             self._loader.exec_module(module)
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
-    """A one-shot import hook: the first ``import tensorflow`` (by any module) runs quietly."""
+    """A one-shot import hook: the first ``import tensorflow`` (by any module) runs quietly. A mere
+    look-up (``importlib.util.find_spec("tensorflow")``) gets the wrapped spec and keeps the hook."""
+
+    def __init__(self) -> None:
+        self._busy = False
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != "tensorflow":
+        if name != "tensorflow" or self._busy:
             return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._busy = True  # the look-up below walks sys.meta_path again: pass this finder by
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         spec.loader = _QuietLoader(spec.loader)
