@@ -207,6 +207,44 @@ def test_use_safetensors(framework: str, two_formats: dict[str, Any], transforme
         pt.from_pretrained(two_formats["only_safe"], use_safetensors=False)
 
 
+def test_hub_options_reach_hf_hub_download(two_formats: dict[str, Any], tmp_path: pathlib.Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """revision / token / cache_dir / force_download go to huggingface_hub (replaced here: nothing is
+    downloaded); use_safetensors=False never asks for model.safetensors, True asks for nothing else."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+
+    def download(repo_id: str, filename: str, **kwargs: Any) -> str:
+        assert repo_id == "org/two-formats"
+        calls.append((filename, kwargs))
+        source = two_formats["both"] / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"404 {filename}")
+        shutil.copy(source, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    options = dict(revision="v2", token="hf_secret", cache_dir=str(tmp_path / "cache"))
+    cls = model_class("torch", "classification")
+    model = cls.from_pretrained("org/two-formats", use_safetensors=False, force_download=True, **options)
+    assert_same_state(state_of("torch", model), two_formats["legacy"])
+    assert [name for name, _ in calls] == ["config.json", "pytorch_model.bin"]
+    assert all(kw["force_download"] is True and kw["revision"] == "v2" and kw["token"] == "hf_secret"
+               and kw["cache_dir"] == options["cache_dir"] for _, kw in calls)
+    calls.clear()
+    shutil.rmtree(snapshot)
+    snapshot.mkdir()
+    model = cls.from_pretrained("org/two-formats", use_safetensors=True, **options)
+    assert_same_state(state_of("torch", model), two_formats["safe"])
+    assert [name for name, _ in calls] == ["config.json", "model.safetensors"]
+    assert not any("force_download" in kw for _, kw in calls)  # not asked for: huggingface_hub's default
+
+
 def test_unknown_use_safetensors_value_is_a_type_error(checkpoint: Any) -> None:
     with pytest.raises(TypeError, match="use_safetensors must be True, False or None"):
         core_pretrained.weight_file_names("yes")

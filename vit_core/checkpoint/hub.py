@@ -73,7 +73,7 @@ def resolve_pretrained(
         try:
             return pathlib.Path(hf_hub_download(
                 repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline,
-                force_download=force_download and not offline,
+                **({"force_download": True} if force_download and not offline else {}),
             ))
         except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in huggingface_hub 0.x)
             if not offline:
