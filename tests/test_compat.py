@@ -260,6 +260,23 @@ def test_torch_dtype_is_dtype_in_tf_and_flax(framework: str, checkpoint: Any) ->
         cls.from_pretrained(directory, torch_dtype="bfloat16", dtype="float16")
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_output_loading_info_as_transformers(framework: str, checkpoint: Any, transformers: Any) -> None:
+    directory, _ = checkpoint
+    cls = model_class(framework, "classification")
+    model, info = cls.from_pretrained(directory, num_labels=4, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert type(model) is cls and model.config.num_labels == 4
+    _, theirs = transformers.ViTForImageClassification.from_pretrained(
+        directory, num_labels=4, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert sorted(info) == sorted(theirs) == ["error_msgs", "mismatched_keys", "missing_keys", "unexpected_keys"]
+    assert info == theirs == {"missing_keys": [], "unexpected_keys": [], "error_msgs": [],
+                              "mismatched_keys": ["classifier.bias", "classifier.weight"]}
+    _, mim_info = model_class(framework, "mim").from_pretrained(directory, output_loading_info=True)
+    _, their_mim = transformers.ViTForMaskedImageModeling.from_pretrained(directory, output_loading_info=True)
+    assert mim_info == their_mim
+    assert mim_info["missing_keys"] == ["decoder.0.bias", "decoder.0.weight", "vit.embeddings.mask_token"]
+
+
 # ----------------------------------------------------------------------------------- 2. labels
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_num_labels_keeps_names_when_unchanged(framework: str, checkpoint: Any, transformers: Any) -> None:

@@ -73,6 +73,29 @@ def split_kwargs(
     return {key: value for key, value in kwargs.items() if key not in skip}
 
 
+def loading_info(report: LoadReport) -> dict[str, list[Any]]:
+    """transformers' ``output_loading_info=True`` dict of a load: ``missing_keys``, ``unexpected_keys``,
+    ``mismatched_keys`` (sorted key names, as transformers 4.57 gives them) and ``error_msgs`` (empty).
+
+    Args:
+        report: what :func:`load_pretrained` returned about the fit.
+    """
+    return {"missing_keys": sorted(report.missing), "unexpected_keys": sorted(report.unexpected),
+            "mismatched_keys": sorted(name for name, _, _ in report.mismatched), "error_msgs": []}
+
+
+def pop_output_loading_info(kwargs: dict[str, Any]) -> bool:
+    """Remove transformers' ``output_loading_info`` from ``from_pretrained``'s keywords; return its value.
+
+    Args:
+        kwargs: the keywords not named by ``from_pretrained`` (changed in place).
+    """
+    value = kwargs.pop("output_loading_info", False)
+    if not isinstance(value, bool):
+        raise TypeError(f"output_loading_info must be True or False, got {value!r}")
+    return value
+
+
 def weight_file_names(use_safetensors: bool | None) -> tuple[str, ...]:
     """The weight files ``from_pretrained`` may read: all (None), only safetensors (True), none of them (False)."""
     if use_safetensors is None:

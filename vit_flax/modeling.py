@@ -523,7 +523,9 @@ class FlaxViTPreTrainedModel(nnx.Module):
         ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` (or
         ``torch_dtype``) is the compute dtype, ``param_dtype`` the storage dtype (both float32 by
         default). ``from_pt`` and ``trust_remote_code`` are accepted and change nothing: the format
-        is read from the files. docs/transformers-compat.md lists every option.
+        is read from the files. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         del from_pt  # transformers' spelling; every format is detected from its contents
         return weights_io.load_pretrained_model(

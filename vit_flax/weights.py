@@ -183,7 +183,11 @@ def load_pretrained_model(
     copy the weights in (cast to ``param_dtype``).
 
     ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
-    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' Flax classes."""
+    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' Flax classes.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -204,7 +208,7 @@ def load_pretrained_model(
         init_weights(model, model.canonical_table(), config.initializer_range, nnx.Rngs(params=seed).params(),
                      only=keep_init)
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
-    return model
+    return (model, core_pretrained.loading_info(report)) if with_info else model
 
 
 def save_pretrained_model(

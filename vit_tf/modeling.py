@@ -508,7 +508,9 @@ class TFViTPreTrainedModel(keras.Model):
         ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` (or
         ``torch_dtype``): float32 (default), bfloat16, float16 or "auto" (the checkpoint config's).
         ``from_pt`` and ``trust_remote_code`` are accepted and change nothing: the file kind is
-        detected from its contents. docs/transformers-compat.md lists every option.
+        detected from its contents. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,

@@ -191,7 +191,11 @@ def load_pretrained_model(
     checkpoint config's dtype) with random init for what the checkpoint lacks, copy the weights in.
 
     ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
-    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' TF classes."""
+    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' TF classes.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -209,7 +213,7 @@ def load_pretrained_model(
     model = cls(config, attn_implementation=attn_implementation, dtype=dtype, seed=seed, **model_kwargs)
     keep_init = list(report.missing) + [name for name, _, _ in report.mismatched]
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
-    return model
+    return (model, core_pretrained.loading_info(report)) if with_info else model
 
 
 def _config_dtype(config: ViTConfig) -> str:

@@ -429,7 +429,9 @@ class ViTPreTrainedModel(nn.Module):
         ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing; any other
         keyword raises TypeError naming it. Heads the checkpoint lacks keep their random init (with
         a warning); ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. Returns
-        the model in eval mode. docs/transformers-compat.md lists every option.
+        the model in eval mode. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,

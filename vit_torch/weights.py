@@ -199,8 +199,12 @@ def load_pretrained_model(
     checkpoint lacks), copy the weights in, cast to ``dtype``, return it in eval mode.
 
     ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
-    effect here (``low_cpu_mem_usage``, ``trust_remote_code``); anything else is a TypeError."""
+    effect here (``low_cpu_mem_usage``, ``trust_remote_code``); anything else is a TypeError.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
     check_device_map(device_map)
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -219,7 +223,8 @@ def load_pretrained_model(
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
     if target_dtype != torch.float32:
         model.to(target_dtype)
-    return model.eval()
+    model.eval()
+    return (model, core_pretrained.loading_info(report)) if with_info else model
 
 
 def check_device_map(device_map: Any) -> None:
