@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import files, staging
-from .checkpoint.errors import CheckpointError, CheckpointNotFoundError
+from .checkpoint.errors import CheckpointNotFoundError
 from .checkpoint.fit import LoadReport, check_config_fits, drop_unused_qkv_bias, match_state_to_model
 from .checkpoint.hub import resolve_pretrained
 from .checkpoint.lazy import materialize
