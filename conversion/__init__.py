@@ -19,12 +19,13 @@ from vit_core.checkpoint import CheckpointError
 from .compare import ParityReport, assert_parity, compare
 from .convert import TARGETS, Conversion, convert
 from .detect import load_checkpoint, open_checkpoint
-from .pipeline import ImageClassificationPipeline, pipeline
+from .pipeline import ImageClassificationPipeline, ImageFeatureExtractionPipeline, pipeline
 
 __all__ = [
     "CheckpointError",
     "Conversion",
     "ImageClassificationPipeline",
+    "ImageFeatureExtractionPipeline",
     "ParityReport",
     "TARGETS",
     "assert_parity",

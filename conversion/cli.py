@@ -173,7 +173,8 @@ def _setup_quiet(quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="vitx: %(message)s")
     for name in ("vitx", "vitx.conversion", "vitx.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from vit_core.quiet import install_quiet_tensorflow_hook  # TF_CPP_MIN_LOG_LEVEL=2 unless set; no TF start-up lines
+    install_quiet_tensorflow_hook()
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         try:

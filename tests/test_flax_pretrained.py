@@ -143,15 +143,15 @@ def test_directory_round_trip_is_bitwise(tmp_path: pathlib.Path, task: str) -> N
 
 def test_save_pretrained_transformers_flax_arguments(tmp_path: pathlib.Path) -> None:
     """save_pretrained(dir, params=...) saves those values (the model keeps its own);
-    safe_serialization=False (msgpack) is refused with the conversion to use instead."""
+    safe_serialization=False writes flax_model.msgpack, as transformers (tests/test_compat.py)."""
     model = seeded_model("classification")
     halved = jax.tree_util.tree_map(lambda a: a * 0.5, model.params)
     model.save_pretrained(tmp_path, params=halved)
     saved = canonical_state(FlaxViTForImageClassification.from_pretrained(tmp_path))
     own = canonical_state(model)
     assert all(np.array_equal(saved[k], own[k] * np.float32(0.5)) for k in own)
-    with pytest.raises(ValueError, match="conversion.convert"):
-        model.save_pretrained(tmp_path / "msgpack", safe_serialization=False)
+    model.save_pretrained(tmp_path / "msgpack", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "msgpack").iterdir()) == ["config.json", "flax_model.msgpack"]
 
 
 def test_sharded_save_loads(tmp_path: pathlib.Path) -> None:

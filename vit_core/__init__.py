@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .auto import AutoConfig
 from .config import VARIANTS, ViTConfig
 from .outputs import (
     BaseModelOutputWithPooling,
@@ -23,7 +24,9 @@ _LAZY = {
     "ViTImageProcessor": "image_processing",
     "ViTFeatureExtractor": "image_processing",
     "ViTImageProcessorFast": "image_processing_fast",
-    "DeiTImageProcessor": "image_processing", "DeiTFeatureExtractor": "image_processing", "AutoImageProcessor": "image_processing",
+    "DeiTImageProcessor": "image_processing",
+    "DeiTFeatureExtractor": "image_processing",
+    "AutoImageProcessor": "image_processing",
 }
 
 
@@ -38,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "VARIANTS", "ViTConfig", "ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor",
+    "VARIANTS", "ViTConfig", "AutoConfig", "ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor",
     "DeiTImageProcessor", "DeiTFeatureExtractor", "AutoImageProcessor",
     "ModelOutput", "BaseModelOutputWithPooling", "ImageClassifierOutput", "MaskedImageModelingOutput",
     "WeightSpec", "weight_table", "parameter_count",

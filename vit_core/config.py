@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 from .activations import ACTIVATIONS
+from .hub_mixin import PushToHubMixin
 
 CONFIG_NAME = "config.json"
 
@@ -69,6 +70,80 @@ LAYER_NORM_EPS_MAX = 0.1
 INITIALIZER_RANGE_MAX = 1.0
 _INT_STRING = re.compile(r"-?[0-9]+")
 
+# transformers PretrainedConfig defaults of the fields it writes into every to_dict(): a field with
+# its default is left out when a transformers config is read (``as_vit_config``), so a saved
+# config.json holds what the user set, as transformers' own to_diff_dict does.
+PRETRAINED_CONFIG_DEFAULTS: dict[str, Any] = {
+    "add_cross_attention": False, "architectures": None, "bad_words_ids": None, "begin_suppress_tokens": None,
+    "bos_token_id": None, "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None,
+    "decoder_start_token_id": None, "diversity_penalty": 0.0, "do_sample": False, "early_stopping": False,
+    "encoder_no_repeat_ngram_size": 0, "eos_token_id": None, "exponential_decay_length_penalty": None,
+    "finetuning_task": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "is_decoder": False,
+    "is_encoder_decoder": False, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1,
+    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "pad_token_id": None,
+    "prefix": None, "pruned_heads": {}, "remove_invalid_values": False, "repetition_penalty": 1.0,
+    "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None, "suppress_tokens": None,
+    "task_specific_params": None, "temperature": 1.0, "tf_legacy_loss": False, "tie_encoder_decoder": False,
+    "tie_word_embeddings": True, "tokenizer_class": None, "top_k": 50, "top_p": 1.0, "torchscript": False,
+    "typical_p": 1.0, "use_bfloat16": False,
+}
+# The attributes every transformers 4.x PretrainedConfig has (besides the ViT fields and the label
+# fields): ``from_pretrained(path, output_attentions=True)`` sets one, as transformers does (it is
+# kept in ``extra`` and written to config.json). The set equals transformers 4.57's
+# ``PretrainedConfig().to_dict()`` keys less the bookkeeping ones (tests/test_compat.py checks it).
+PRETRAINED_CONFIG_FIELDS: frozenset[str] = frozenset(PRETRAINED_CONFIG_DEFAULTS)
+LABEL_FIELDS: tuple[str, ...] = ("num_labels", "id2label", "label2id")
+
+# model_type values vitx can name when refusing a config: the distilled DeiT is the one ViT-like
+# checkpoint family users meet most (facebook/deit-*-distilled-*).
+DISTILLED_DEIT_MESSAGE = (
+    "model_type 'deit' is a distilled DeiT (DeiTForImageClassificationWithTeacher, with a distillation "
+    "token and a second head), which vitx does not implement; the non-distilled DeiT checkpoints "
+    "(model_type 'vit', e.g. facebook/deit-base-patch16-224) load with the ViT classes"
+)
+
+
+def check_model_type(model_type: Any, source: str = "config") -> None:
+    """Raise ValueError unless ``model_type`` is "vit" (or absent, None).
+
+    Args:
+        model_type: the ``model_type`` of a config.json (or a config object's).
+        source: what the config came from (a path or hub id), named in the message.
+    """
+    if model_type in ("vit", None):
+        return
+    if model_type == "deit":
+        raise ValueError(f"{source}: {DISTILLED_DEIT_MESSAGE}")
+    raise ValueError(f"{source}: model_type {model_type!r} is not supported; vitx reads ViT checkpoints "
+                     "(model_type 'vit') only")
+
+
+def as_vit_config(config: Any, what: str = "config") -> "ViTConfig":
+    """A vitx ViTConfig from a vitx ViTConfig (returned as is) or a transformers ``ViTConfig``.
+
+    A transformers config is read through its ``to_dict()`` (the same fields and names); its
+    ``model_type`` must be "vit".
+
+    Args:
+        config: the config given (``from_pretrained(path, config=...)``, ``from_config(...)``).
+        what: the argument's name, for the error message.
+    """
+    if isinstance(config, ViTConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if to_dict is None or not callable(to_dict):
+        raise TypeError(f"{what} must be a ViTConfig (vitx's or transformers'), got {type(config).__name__}")
+    check_model_type(getattr(config, "model_type", None), f"{what} ({type(config).__name__})")
+    fields = {k: v for k, v in to_dict().items() if not k.startswith("_")}
+    for key in ("transformers_version", "dtype", "torch_dtype"):  # transformers' bookkeeping, not the model's
+        fields.pop(key, None)
+    fields = {k: v for k, v in fields.items()
+              if k not in PRETRAINED_CONFIG_DEFAULTS or v != PRETRAINED_CONFIG_DEFAULTS[k]}
+    return ViTConfig.from_dict(fields)
+
+
+
 
 def _pair(value: int | tuple[int, int] | list[int], field: str) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
@@ -97,13 +172,15 @@ def _label_index(value: Any, what: str) -> int:
     raise ValueError(f"ViTConfig.{field}: each {what} must be an int class index (or a string of one), got {value!r}")
 
 
-class ViTConfig:
+class ViTConfig(PushToHubMixin):
     """Configuration of a ViT model, with the fields and defaults of transformers' ViTConfig.
 
     ``image_size`` and ``patch_size`` may be an int or (height, width). Label fields
     (``num_labels``, ``id2label``, ``label2id``, ``problem_type``) behave as in transformers:
     ``id2label`` keys are ints, and ``num_labels`` defaults to 2.
     """
+
+    _hub_commit_message = "Upload config"
 
     model_type = "vit"
 
@@ -148,8 +225,21 @@ class ViTConfig:
     def num_labels(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"ViTConfig.num_labels must be a non-negative int, got {n!r}")
+        if n == len(self.id2label):  # transformers keeps the names when the count is unchanged
+            return
         self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        """Whether models return output objects: ``return_dict`` (default True) and not ``torchscript``,
+        as transformers' PretrainedConfig.use_return_dict."""
+        return bool(self.extra.get("return_dict", True)) and not bool(self.extra.get("torchscript", False))
+
+    def is_field(self, name: str) -> bool:
+        """Whether ``name`` is a config field here (transformers' ``hasattr(config, name)``): a ViT
+        field, a label field, a transformers PretrainedConfig attribute or a key this config holds."""
+        return name in _DEFAULTS or name in LABEL_FIELDS or name in PRETRAINED_CONFIG_FIELDS or name in self.extra
 
     # ----------------------------------------------------------------------------- geometry
     @property
@@ -282,11 +372,10 @@ class ViTConfig:
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "ViTConfig":
         if not isinstance(d, dict):
             raise ValueError(f"a ViT config must be a JSON object, got {type(d).__name__}")
-        model_type = d.get("model_type", "vit")
-        if model_type not in ("vit", None):
-            raise ValueError(f"config has model_type {model_type!r}; vitx reads 'vit' configs only")
+        check_model_type(d.get("model_type", "vit"))
         fields = dict(d)
-        if "num_labels" in overrides and "id2label" not in overrides:
+        if "num_labels" in overrides and "id2label" not in overrides and not _same_label_count(d, overrides["num_labels"]):
+            # a different count names new classes: LABEL_0..N-1, as transformers; the same count keeps the names
             fields.pop("id2label", None)
             fields.pop("label2id", None)
         if "id2label" in overrides and "label2id" not in overrides:
@@ -304,9 +393,22 @@ class ViTConfig:
         return f"ViTConfig {self.to_json_string()}"
 
     # ----------------------------------------------------------------------------- files
-    def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
-        """Write ``config.json`` (atomically) into ``save_directory``; returns its path."""
-        return write_json_to_directory(save_directory, CONFIG_NAME, self.to_json_string())
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False,
+                        **kwargs: Any) -> pathlib.Path:
+        """Write ``config.json`` (atomically) into ``save_directory``; returns its path.
+
+        Args:
+            save_directory: the directory (created when absent).
+            push_to_hub: upload config.json to the hub afterwards (transformers' spelling).
+            **kwargs: with push_to_hub: ``repo_id`` (default: the directory's name), ``commit_message``,
+                ``private``, ``token``, ``revision``, ``create_pr``, ``commit_description``.
+        """
+        from .pretrained import push_saved
+
+        path = write_json_to_directory(save_directory, CONFIG_NAME, self.to_json_string())
+        push_saved(save_directory, push_to_hub, kwargs, [CONFIG_NAME], owner="ViTConfig.save_pretrained",
+                   default_message=self._hub_commit_message)
+        return path
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "ViTConfig":
@@ -326,21 +428,53 @@ class ViTConfig:
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
-        **overrides: Any,
-    ) -> "ViTConfig":
-        """Read ``config.json`` from a directory, a json file, or a hub id (through huggingface_hub)."""
+        force_download: bool = False,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> "ViTConfig | tuple[ViTConfig, dict[str, Any]]":
+        """Read ``config.json`` from a directory, a json file, or a hub id (through huggingface_hub).
+
+        As transformers' ``PretrainedConfig.from_pretrained``: keywords that are config fields
+        (:meth:`is_field`) override the file's values; the others are not config fields and are
+        ignored, or returned with ``return_unused_kwargs=True`` as ``(config, unused)``.
+
+        Args:
+            pretrained_model_name_or_path: a directory, a config.json file or a hub id.
+            revision: hub branch, tag or commit.
+            cache_dir: huggingface_hub's cache directory.
+            token: hub token.
+            local_files_only: read the hub cache only.
+            force_download: download again even when cached.
+            return_unused_kwargs: also return the keywords that were not config fields.
+            **kwargs: config fields to override (e.g. ``num_labels=10``).
+        """
         path = pathlib.Path(pretrained_model_name_or_path)
         if path.is_file():
-            return cls.from_json_file(path, **overrides)
-        if path.is_dir():
-            return cls.from_json_file(path / CONFIG_NAME, **overrides)
-        from .checkpoint.hub import resolve_pretrained
+            file = path
+        elif path.is_dir():
+            file = path / CONFIG_NAME
+        else:
+            from .checkpoint.hub import resolve_pretrained
 
-        directory = resolve_pretrained(
-            str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only, filenames=(CONFIG_NAME,),
-        )
-        return cls.from_json_file(directory / CONFIG_NAME, **overrides)
+            directory = resolve_pretrained(
+                str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                local_files_only=local_files_only, filenames=(CONFIG_NAME,), force_download=force_download,
+            )
+            file = directory / CONFIG_NAME
+        kwargs.pop("trust_remote_code", None)  # no remote code is ever run
+        base = cls.from_json_file(file)
+        overrides = {k: v for k, v in kwargs.items() if base.is_field(k)}
+        unused = {k: v for k, v in kwargs.items() if k not in overrides}
+        config = cls.from_json_file(file, **overrides) if overrides else base
+        return (config, unused) if return_unused_kwargs else config
+
+
+def _same_label_count(d: dict[str, Any], num_labels: Any) -> bool:
+    """Whether ``num_labels`` equals the number of labels config dict ``d`` names."""
+    id2label = d.get("id2label")
+    if isinstance(id2label, dict):
+        return num_labels == len(id2label)
+    return "num_labels" in d and num_labels == d["num_labels"]
 
 
 def write_json_to_directory(save_directory: str | os.PathLike, filename: str, text: str) -> pathlib.Path:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import read_json_file, write_json_to_directory
+from .hub_mixin import PushToHubMixin
 from .image_transforms import (  # noqa: F401  (re-exported: the processors' public helpers)
     _flatten_images,
     _per_channel,
@@ -244,9 +245,11 @@ def convert_to_tensors(pixel_values: np.ndarray | list[np.ndarray], return_tenso
 
 
 # --------------------------------------------------------------------------------------------- processors
-class BaseViTImageProcessor:
+class BaseViTImageProcessor(PushToHubMixin):
     """Options, ``preprocessor_config.json`` I/O and input preparation shared by the slow and the
     fast processor; each subclass implements ``preprocess``."""
+
+    _hub_commit_message = "Upload image processor"
 
     model_input_names: ClassVar[list[str]] = ["pixel_values"]
     # The type written to preprocessor_config.json: transformers' slow class reads every file.
@@ -412,9 +415,22 @@ class BaseViTImageProcessor:
         return f"{type(self).__name__} {self.to_json_string()}"
 
     # ----------------------------------------------------------------------------- files
-    def save_pretrained(self, save_directory: str | os.PathLike) -> pathlib.Path:
-        """Write ``preprocessor_config.json`` (atomically) into ``save_directory``; returns its path."""
-        return write_json_to_directory(save_directory, PREPROCESSOR_CONFIG_NAME, self.to_json_string())
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False,
+                        **kwargs: Any) -> pathlib.Path:
+        """Write ``preprocessor_config.json`` (atomically) into ``save_directory``; returns its path.
+
+        Args:
+            save_directory: the directory (created when absent).
+            push_to_hub: upload preprocessor_config.json to the hub afterwards (transformers' spelling).
+            **kwargs: with push_to_hub: ``repo_id`` (default: the directory's name), ``commit_message``,
+                ``private``, ``token``, ``revision``, ``create_pr``, ``commit_description``.
+        """
+        from .pretrained import push_saved
+
+        path = write_json_to_directory(save_directory, PREPROCESSOR_CONFIG_NAME, self.to_json_string())
+        push_saved(save_directory, push_to_hub, kwargs, [PREPROCESSOR_CONFIG_NAME],
+                   owner=f"{type(self).__name__}.save_pretrained", default_message=self._hub_commit_message)
+        return path
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BaseViTImageProcessor":

@@ -14,9 +14,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vit_flax needs JAX and Flax, which are not installed: pip install vitx[flax]") from e
 
-from vit_core import ViTConfig
+from vit_core import AutoConfig, ViTConfig
+from vit_core.image_processing import AutoImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
 from .export import export_classifier, load_exported_classifier
+from .auto import FlaxAutoModel, FlaxAutoModelForImageClassification, FlaxAutoModelForMaskedImageModeling
 from .modeling import (
     FlaxViTForImageClassification,
     FlaxViTForMaskedImageModeling,
@@ -30,6 +32,13 @@ from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",
+    "AutoConfig",
+    "AutoImageProcessor",
+    "ViTImageProcessor",
+    "DeiTImageProcessor",
+    "FlaxAutoModel",
+    "FlaxAutoModelForImageClassification",
+    "FlaxAutoModelForMaskedImageModeling",
     "FlaxViTModel",
     "FlaxViTForImageClassification",
     "FlaxViTForMaskedImageModeling",

@@ -496,34 +496,44 @@ class FlaxViTPreTrainedModel(nnx.Module):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
         ignore_mismatched_sizes: bool = False,
         attn_implementation: str | None = None,
         dtype: DType | None = None,
+        torch_dtype: DType | None = None,
         param_dtype: DType | None = None,
         seed: int = 0,
         from_pt: bool = False,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> FlaxViTPreTrainedModel:
         """Load a checkpoint directory, weights file or hub id (any format vit_core reads: safetensors,
         pytorch_model.bin, tf_model.h5, flax_model.msgpack, 4.x and 5.9+ names).
 
-        ``config_overrides`` (e.g. ``num_labels=10``) change the checkpoint's config. Heads the
-        checkpoint lacks get a random init (seeded by ``seed``, with a warning);
-        ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` is the
-        compute dtype, ``param_dtype`` the storage dtype (both float32 by default). ``from_pt`` is
-        accepted for transformers' spelling and changes nothing: the format is read from the files.
+        Keywords that are config fields (e.g. ``num_labels=10``) change the checkpoint's config;
+        ``config`` (a vitx or transformers ViTConfig) replaces it; any other keyword raises
+        TypeError naming it (``device_map`` and ``low_cpu_mem_usage`` too, as transformers' Flax
+        classes). ``use_safetensors`` True reads only model.safetensors, False never reads it.
+        Heads the checkpoint lacks get a random init (seeded by ``seed``, with a warning);
+        ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` (or
+        ``torch_dtype``) is the compute dtype, ``param_dtype`` the storage dtype (both float32 by
+        default). ``from_pt`` and ``trust_remote_code`` are accepted and change nothing: the format
+        is read from the files. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         del from_pt  # transformers' spelling; every format is detected from its contents
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,
-            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-            ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation,
-            dtype=dtype, param_dtype=param_dtype, seed=seed, config_overrides=config_overrides,
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download,
+            use_safetensors=use_safetensors, ignore_mismatched_sizes=ignore_mismatched_sizes,
+            attn_implementation=attn_implementation, dtype=weights_io.dtype_alias(torch_dtype, dtype),
+            param_dtype=param_dtype, seed=seed, config_overrides=kwargs,
         )
 
     def save_pretrained(
@@ -532,19 +542,45 @@ class FlaxViTPreTrainedModel(nnx.Module):
         params: Mapping[str, Any] | None = None,
         max_shard_size: int | str | None = None,
         safe_serialization: bool = True,
+        *,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> None:
         """Write ``config.json`` + ``model.safetensors`` (canonical names and PyTorch layouts, the file
         every framework and transformers read; sharded above ``max_shard_size``, e.g. "5GB").
 
         ``params`` (a tree like ``model.params``, transformers Flax's argument) saves those values
-        instead of the model's own. ``safe_serialization=False`` (transformers Flax's msgpack) is not
-        written: use ``conversion.convert(dir, out, to="flax")`` for a flax_model.msgpack.
+        instead of the model's own. ``safe_serialization=False`` writes ``flax_model.msgpack``
+        instead (transformers Flax's file, one file). ``push_to_hub=True`` then uploads the written
+        files to ``repo_id`` (default: the directory's name) with ``commit_message``, ``private``,
+        ``token``, ``revision``, ``create_pr``, ``commit_description``.
         """
-        if not safe_serialization:
-            raise ValueError("vit_flax saves safetensors only; for a flax_model.msgpack run "
-                             "conversion.convert(saved_dir, out_dir, to='flax') (or `vitx convert --to flax`)")
         model = self if params is None else self.with_params(params)
-        weights_io.save_pretrained_model(model, save_directory, max_shard_size=max_shard_size)
+        weights_io.save_pretrained_model(model, save_directory, max_shard_size=max_shard_size,
+                                         safe_serialization=safe_serialization)
+        weights_io.push_saved(save_directory, push_to_hub, kwargs, owner=f"{type(self).__name__}.save_pretrained")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        use_temp_dir: bool | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        max_shard_size: int | str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        revision: str | None = None,
+        commit_description: str | None = None,
+    ) -> Any:
+        """Save into a temporary directory and upload it to the hub repo ``repo_id`` (created when
+        absent), as transformers' ``push_to_hub``; returns huggingface_hub's CommitInfo."""
+        return weights_io.push_to_hub(
+            lambda directory: self.save_pretrained(directory, max_shard_size=max_shard_size,
+                                                   safe_serialization=safe_serialization),
+            repo_id, use_temp_dir=use_temp_dir, commit_message=commit_message, private=private, token=token,
+            revision=revision, create_pr=create_pr, commit_description=commit_description,
+        )
 
 
 class FlaxViTModel(FlaxViTPreTrainedModel):
@@ -593,18 +629,21 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         *,
         add_pooling_layer: bool = True,
         use_mask_token: bool = False,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
         ignore_mismatched_sizes: bool = False,
         attn_implementation: str | None = None,
         dtype: DType | None = None,
+        torch_dtype: DType | None = None,
         param_dtype: DType | None = None,
         seed: int = 0,
         from_pt: bool = False,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> FlaxViTModel:
         """As FlaxViTPreTrainedModel.from_pretrained, plus FlaxViTModel's ``add_pooling_layer`` / ``use_mask_token``."""
         del from_pt  # transformers' spelling; every format is detected from its contents
@@ -612,8 +651,10 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
             cls, pretrained_model_name_or_path,
             model_kwargs={"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token},
             config=config, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+            force_download=force_download, use_safetensors=use_safetensors,
             ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation,
-            dtype=dtype, param_dtype=param_dtype, seed=seed, config_overrides=config_overrides,
+            dtype=weights_io.dtype_alias(torch_dtype, dtype), param_dtype=param_dtype, seed=seed,
+            config_overrides=kwargs,
         )
 
     def __call__(

@@ -164,7 +164,7 @@ def load_pretrained_model(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     model_kwargs: dict[str, bool],
-    config: ViTConfig | None,
+    config: Any,
     revision: str | None,
     cache_dir: str | os.PathLike | None,
     token: str | bool | None,
@@ -175,10 +175,19 @@ def load_pretrained_model(
     param_dtype: Any,
     seed: int,
     config_overrides: dict[str, Any],
+    force_download: bool = False,
+    use_safetensors: bool | None = None,
 ) -> FlaxViTPreTrainedModel:
     """``cls.from_pretrained``: read with vit_core.pretrained, build ``cls`` without its random init,
     initialise only what the checkpoint lacks (heads; mismatched heads with ignore_mismatched_sizes),
-    copy the weights in (cast to ``param_dtype``)."""
+    copy the weights in (cast to ``param_dtype``).
+
+    ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
+    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' Flax classes.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -186,8 +195,10 @@ def load_pretrained_model(
 
     config, state, report = core_pretrained.load_pretrained(
         pretrained_model_name_or_path, task, table_fn, config=config, revision=revision, cache_dir=cache_dir,
-        token=token, local_files_only=local_files_only, ignore_mismatched_sizes=ignore_mismatched_sizes,
-        config_overrides=config_overrides,
+        token=token, local_files_only=local_files_only, force_download=force_download,
+        use_safetensors=use_safetensors, ignore_mismatched_sizes=ignore_mismatched_sizes,
+        config_overrides=config_overrides, owner=f"{cls.__name__}.from_pretrained",
+        no_effect=core_pretrained.NO_EFFECT_OPTIONS,
     )
     model = cls(config, **model_kwargs, dtype=jnp.float32 if dtype is None else dtype,
                 param_dtype=jnp.float32 if param_dtype is None else param_dtype,
@@ -197,17 +208,26 @@ def load_pretrained_model(
         init_weights(model, model.canonical_table(), config.initializer_range, nnx.Rngs(params=seed).params(),
                      only=keep_init)
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
-    return model
+    return (model, core_pretrained.loading_info(report)) if with_info else model
 
 
 def save_pretrained_model(
-    model: FlaxViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None
+    model: FlaxViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
+    safe_serialization: bool = True,
 ) -> pathlib.Path:
     """Write config.json (with ``architectures`` as transformers' Flax classes write it: the PyTorch
     class name, and ``torch_dtype``) and model.safetensors in canonical names, sharded above
-    ``max_shard_size``."""
+    ``max_shard_size``; ``safe_serialization=False``: flax_model.msgpack instead (Flax paths and layouts)."""
     config = ViTConfig.from_dict(model.config.to_dict())
     config.extra["architectures"] = [type(model).__name__.removeprefix("Flax")]
     config.extra["torch_dtype"] = jnp.dtype(model.param_dtype).name
-    return core_pretrained.save_pretrained(config, canonical_state(model), save_directory,
-                                           max_shard_size=max_shard_size)
+    return core_pretrained.save_pretrained(
+        config, canonical_state(model), save_directory, max_shard_size=max_shard_size,
+        weights_format="safetensors" if safe_serialization else core_pretrained.LEGACY_WEIGHTS["flax"][1],
+    )
+
+
+# The hub upload and the torch_dtype spelling are the same in every framework: vit_core.pretrained's.
+dtype_alias = core_pretrained.dtype_alias
+push_saved = core_pretrained.push_saved
+push_to_hub = core_pretrained.push_to_hub

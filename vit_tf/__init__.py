@@ -28,17 +28,24 @@ def _import_tensorflow() -> None:
             del sys.modules["jax"]
 
 
+from vit_core.quiet import quiet_tensorflow_import
+
 try:
-    _import_tensorflow()
-    import keras
+    # TF_CPP_MIN_LOG_LEVEL defaults to "2" (set before TensorFlow is first imported, unless the user
+    # set it: theirs wins), and the C++ start-up notices that no level hides are dropped.
+    with quiet_tensorflow_import():
+        _import_tensorflow()
+        import keras
 
     if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
         raise ImportError(f"vit_tf needs Keras 3, found keras {keras.__version__}")
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"vit_tf needs TensorFlow with Keras 3 ({e}): pip install vitx[tf]") from e
 
-from vit_core import ViTConfig
+from vit_core import AutoConfig, ViTConfig
+from vit_core.image_processing import AutoImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
+from .auto import TFAutoModel, TFAutoModelForImageClassification, TFAutoModelForMaskedImageModeling
 from .modeling import (
     TFViTForImageClassification,
     TFViTForMaskedImageModeling,
@@ -53,6 +60,13 @@ from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",
+    "AutoConfig",
+    "AutoImageProcessor",
+    "ViTImageProcessor",
+    "DeiTImageProcessor",
+    "TFAutoModel",
+    "TFAutoModelForImageClassification",
+    "TFAutoModelForMaskedImageModeling",
     "TFViTModel",
     "TFViTForImageClassification",
     "TFViTForMaskedImageModeling",

@@ -482,38 +482,78 @@ class TFViTPreTrainedModel(keras.Model):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
         ignore_mismatched_sizes: bool = False,
         dtype: str | tf.DType | None = None,
+        torch_dtype: str | None = None,
         attn_implementation: str | None = None,
         seed: int | None = None,
         from_pt: bool = False,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> TFViTPreTrainedModel:
         """Load a checkpoint directory, weights file or hub id (any format vit_core reads: safetensors
         from PyTorch / TF / Flax, pytorch_model.bin, tf_model.h5, flax_model.msgpack).
 
-        ``config_overrides`` (e.g. ``num_labels=10``) change the checkpoint's config. Heads the
-        checkpoint lacks keep their random init (with a warning); ``ignore_mismatched_sizes``
-        re-initialises heads whose shape differs. ``dtype``: float32 (default), bfloat16, float16 or
-        "auto" (the checkpoint config's). ``from_pt`` is accepted for transformers compatibility and
-        changes nothing: the file kind is detected from its contents.
+        Keywords that are config fields (e.g. ``num_labels=10``) change the checkpoint's config;
+        ``config`` (a vitx or transformers ViTConfig) replaces it; any other keyword raises
+        TypeError naming it (``device_map`` and ``low_cpu_mem_usage`` too, as transformers' TF
+        classes). ``use_safetensors`` True reads only model.safetensors, False never reads it.
+        Heads the checkpoint lacks keep their random init (with a warning);
+        ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. ``dtype`` (or
+        ``torch_dtype``): float32 (default), bfloat16, float16 or "auto" (the checkpoint config's).
+        ``from_pt`` and ``trust_remote_code`` are accepted and change nothing: the file kind is
+        detected from its contents. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,
-            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-            ignore_mismatched_sizes=ignore_mismatched_sizes, dtype=dtype, attn_implementation=attn_implementation,
-            seed=seed, config_overrides=config_overrides,
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download,
+            use_safetensors=use_safetensors, ignore_mismatched_sizes=ignore_mismatched_sizes,
+            dtype=weights_io.dtype_alias(torch_dtype, dtype), attn_implementation=attn_implementation,
+            seed=seed, config_overrides=kwargs,
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> pathlib.Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None,
+                        safe_serialization: bool = True, *, push_to_hub: bool = False, **kwargs: Any) -> pathlib.Path:
         """Write ``config.json`` + ``model.safetensors`` (canonical names and PyTorch layouts, the files
-        vit_torch and transformers' PyTorch ViT write; sharded above ``max_shard_size``)."""
-        return weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size)
+        vit_torch and transformers' PyTorch ViT write; sharded above ``max_shard_size``).
+        ``safe_serialization=False`` writes ``tf_model.h5`` instead (transformers' TF file, one
+        file). ``push_to_hub=True`` then uploads the written files to ``repo_id`` (default: the
+        directory's name) with ``commit_message``, ``private``, ``token``, ``revision``,
+        ``create_pr``, ``commit_description``."""
+        path = weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size,
+                                                safe_serialization=safe_serialization)
+        weights_io.push_saved(save_directory, push_to_hub, kwargs, owner=f"{type(self).__name__}.save_pretrained")
+        return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        use_temp_dir: bool | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        max_shard_size: int | str | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        revision: str | None = None,
+        commit_description: str | None = None,
+    ) -> Any:
+        """Save into a temporary directory and upload it to the hub repo ``repo_id`` (created when
+        absent), as transformers' ``push_to_hub``; returns huggingface_hub's CommitInfo."""
+        return weights_io.push_to_hub(
+            lambda directory: self.save_pretrained(directory, max_shard_size=max_shard_size,
+                                                   safe_serialization=safe_serialization),
+            repo_id, use_temp_dir=use_temp_dir, commit_message=commit_message, private=private, token=token,
+            revision=revision, create_pr=create_pr, commit_description=commit_description,
+        )
 
     def export_saved_model(self, export_dir: str | os.PathLike) -> pathlib.Path:
         """Write a TensorFlow SavedModel with a ``serving_default`` signature.
@@ -689,25 +729,29 @@ class TFViTModel(TFViTPreTrainedModel):
         *,
         add_pooling_layer: bool = True,
         use_mask_token: bool = False,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
         ignore_mismatched_sizes: bool = False,
         dtype: str | tf.DType | None = None,
+        torch_dtype: str | None = None,
         attn_implementation: str | None = None,
         seed: int | None = None,
         from_pt: bool = False,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> TFViTModel:
         """As TFViTPreTrainedModel.from_pretrained, plus TFViTModel's ``add_pooling_layer`` / ``use_mask_token``."""
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path,
             model_kwargs={"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token},
             config=config, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-            ignore_mismatched_sizes=ignore_mismatched_sizes, dtype=dtype, attn_implementation=attn_implementation,
-            seed=seed, config_overrides=config_overrides,
+            force_download=force_download, use_safetensors=use_safetensors,
+            ignore_mismatched_sizes=ignore_mismatched_sizes, dtype=weights_io.dtype_alias(torch_dtype, dtype),
+            attn_implementation=attn_implementation, seed=seed, config_overrides=kwargs,
         )
 
     def call(

@@ -174,7 +174,7 @@ def load_pretrained_model(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     model_kwargs: dict[str, bool],
-    config: ViTConfig | None,
+    config: Any,
     revision: str | None,
     cache_dir: str | os.PathLike | None,
     token: str | bool | None,
@@ -184,9 +184,18 @@ def load_pretrained_model(
     attn_implementation: str | None,
     seed: int | None,
     config_overrides: dict[str, Any],
+    force_download: bool = False,
+    use_safetensors: bool | None = None,
 ) -> TFViTPreTrainedModel:
     """``cls.from_pretrained``: read with vit_core.pretrained, build ``cls`` in ``dtype`` ("auto": the
-    checkpoint config's dtype) with random init for what the checkpoint lacks, copy the weights in."""
+    checkpoint config's dtype) with random init for what the checkpoint lacks, copy the weights in.
+
+    ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
+    effect (``trust_remote_code``); anything else is a TypeError, as in transformers' TF classes.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -194,15 +203,17 @@ def load_pretrained_model(
 
     config, state, report = core_pretrained.load_pretrained(
         pretrained_model_name_or_path, task, table_fn, config=config, revision=revision, cache_dir=cache_dir,
-        token=token, local_files_only=local_files_only, ignore_mismatched_sizes=ignore_mismatched_sizes,
-        config_overrides=config_overrides,
+        token=token, local_files_only=local_files_only, force_download=force_download,
+        use_safetensors=use_safetensors, ignore_mismatched_sizes=ignore_mismatched_sizes,
+        config_overrides=config_overrides, owner=f"{cls.__name__}.from_pretrained",
+        no_effect=core_pretrained.NO_EFFECT_OPTIONS,
     )
     if dtype == "auto":  # transformers' spelling: the dtype the checkpoint's config.json names
         dtype = _config_dtype(config)
     model = cls(config, attn_implementation=attn_implementation, dtype=dtype, seed=seed, **model_kwargs)
     keep_init = list(report.missing) + [name for name, _, _ in report.mismatched]
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
-    return model
+    return (model, core_pretrained.loading_info(report)) if with_info else model
 
 
 def _config_dtype(config: ViTConfig) -> str:
@@ -215,12 +226,22 @@ def _config_dtype(config: ViTConfig) -> str:
 
 
 def save_pretrained_model(
-    model: TFViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None
+    model: TFViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
+    safe_serialization: bool = True,
 ) -> pathlib.Path:
     """Write config.json (with ``architectures`` naming the PyTorch class, as transformers' TF
-    classes write it, and ``torch_dtype``) and model.safetensors in canonical names and layouts."""
+    classes write it, and ``torch_dtype``) and model.safetensors in canonical names and layouts;
+    ``safe_serialization=False``: tf_model.h5 instead (TF names and layouts)."""
     config = ViTConfig.from_dict(model.config.to_dict())
     config.extra["architectures"] = [type(model).__name__.removeprefix("TF")]
     config.extra["torch_dtype"] = model.compute_dtype
-    return core_pretrained.save_pretrained(config, canonical_state(model), save_directory,
-                                           max_shard_size=max_shard_size)
+    return core_pretrained.save_pretrained(
+        config, canonical_state(model), save_directory, max_shard_size=max_shard_size,
+        weights_format="safetensors" if safe_serialization else core_pretrained.LEGACY_WEIGHTS["tf"][1],
+    )
+
+
+# The hub upload and the torch_dtype spelling are the same in every framework: vit_core.pretrained's.
+dtype_alias = core_pretrained.dtype_alias
+push_saved = core_pretrained.push_saved
+push_to_hub = core_pretrained.push_to_hub

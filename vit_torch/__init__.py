@@ -11,8 +11,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vit_torch needs PyTorch, which is not installed: pip install vitx[torch]") from e
 
-from vit_core import ViTConfig
+from vit_core import AutoConfig, ViTConfig
+from vit_core.image_processing import AutoImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
+from .auto import AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling
 from .modeling import (
     ViTEmbeddings,
     ViTForImageClassification,
@@ -27,6 +29,13 @@ from .weights import canonical_state, load_canonical_state
 
 __all__ = [
     "ViTConfig",
+    "AutoConfig",
+    "AutoImageProcessor",
+    "ViTImageProcessor",
+    "DeiTImageProcessor",
+    "AutoModel",
+    "AutoModelForImageClassification",
+    "AutoModelForMaskedImageModeling",
     "ViTModel",
     "ViTForImageClassification",
     "ViTForMaskedImageModeling",

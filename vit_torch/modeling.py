@@ -406,28 +406,39 @@ class ViTPreTrainedModel(nn.Module):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
+        device_map: Any = None,
         ignore_mismatched_sizes: bool = False,
         attn_implementation: str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> ViTPreTrainedModel:
         """Load a checkpoint directory, weights file or hub id (any format vit_core reads).
 
-        ``config_overrides`` (e.g. ``num_labels=10``) change the checkpoint's config. Heads the
-        checkpoint lacks keep their random init (with a warning); ``ignore_mismatched_sizes``
-        re-initialises heads whose shape differs. Returns the model in eval mode.
+        Keywords that are config fields (e.g. ``num_labels=10``, ``output_attentions=True``)
+        change the checkpoint's config; ``config`` (a vitx or transformers ViTConfig) replaces it.
+        ``use_safetensors`` True reads only model.safetensors, False never reads it;
+        ``device_map`` may be None / "cpu" / torch.device("cpu") (ValueError otherwise);
+        ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing; any other
+        keyword raises TypeError naming it. Heads the checkpoint lacks keep their random init (with
+        a warning); ``ignore_mismatched_sizes`` re-initialises heads whose shape differs. Returns
+        the model in eval mode. ``output_loading_info=True`` returns
+        ``(model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})``.
+        docs/transformers-compat.md lists every option.
         """
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path, model_kwargs={}, config=config, revision=revision,
-            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download,
+            use_safetensors=use_safetensors, device_map=device_map,
             ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation,
-            dtype=resolve_dtype(torch_dtype, dtype, allow_auto=True), config_overrides=config_overrides,
+            dtype=resolve_dtype(torch_dtype, dtype, allow_auto=True), config_overrides=kwargs,
         )
 
     def save_pretrained(
@@ -438,20 +449,47 @@ class ViTPreTrainedModel(nn.Module):
         *,
         state_dict: Mapping[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> None:
         """Write ``config.json`` + ``model.safetensors`` (canonical names; sharded above ``max_shard_size``,
-        e.g. "5GB"). ``safe_serialization=False`` (a pickle file) is not written: use
-        ``conversion.convert(dir, out, to="pytorch")`` for a pytorch_model.bin.
+        e.g. "5GB"). ``safe_serialization=False`` writes ``pytorch_model.bin`` instead (torch's zip
+        format holding tensors only, written without pickling any object; one file), which
+        transformers 4.x and vitx load.
 
         transformers' keywords, as its Trainer passes them: ``state_dict`` (this model's
         ``state_dict()`` keys, e.g. gathered from a wrapped model) is saved instead of the model's
-        own values, strictly (every key, no other); ``is_main_process=False`` writes nothing."""
-        if not safe_serialization:
-            raise ValueError("vit_torch saves safetensors only; for a pytorch_model.bin run "
-                             "conversion.convert(saved_dir, out_dir, to='pytorch') (or `vitx convert --to pytorch`)")
+        own values, strictly (every key, no other); ``is_main_process=False`` writes nothing.
+        ``push_to_hub=True`` then uploads the written files to ``repo_id`` (default: the
+        directory's name) with ``commit_message``, ``private``, ``token``, ``revision``,
+        ``create_pr``, ``commit_description``."""
         if not is_main_process:
             return
-        weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict)
+        weights_io.save_pretrained_model(self, save_directory, max_shard_size=max_shard_size, state_dict=state_dict,
+                                         safe_serialization=safe_serialization)
+        weights_io.push_saved(save_directory, push_to_hub, kwargs, owner=f"{type(self).__name__}.save_pretrained")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        use_temp_dir: bool | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        max_shard_size: int | str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        revision: str | None = None,
+        commit_description: str | None = None,
+    ) -> Any:
+        """Save into a temporary directory and upload it to the hub repo ``repo_id`` (created when
+        absent), as transformers' ``push_to_hub``; returns huggingface_hub's CommitInfo."""
+        return weights_io.push_to_hub(
+            lambda directory: self.save_pretrained(directory, max_shard_size=max_shard_size,
+                                                   safe_serialization=safe_serialization),
+            repo_id, use_temp_dir=use_temp_dir, commit_message=commit_message, private=private, token=token,
+            revision=revision, create_pr=create_pr, commit_description=commit_description,
+        )
 
 
 class ViTModel(ViTPreTrainedModel):
@@ -493,24 +531,28 @@ class ViTModel(ViTPreTrainedModel):
         *,
         add_pooling_layer: bool = True,
         use_mask_token: bool = False,
-        config: ViTConfig | None = None,
+        config: Any = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
+        device_map: Any = None,
         ignore_mismatched_sizes: bool = False,
         attn_implementation: str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> ViTModel:
         """As ViTPreTrainedModel.from_pretrained, plus ViTModel's ``add_pooling_layer`` / ``use_mask_token``."""
         return weights_io.load_pretrained_model(
             cls, pretrained_model_name_or_path,
             model_kwargs={"add_pooling_layer": add_pooling_layer, "use_mask_token": use_mask_token},
             config=config, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+            force_download=force_download, use_safetensors=use_safetensors, device_map=device_map,
             ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation,
-            dtype=resolve_dtype(torch_dtype, dtype, allow_auto=True), config_overrides=config_overrides,
+            dtype=resolve_dtype(torch_dtype, dtype, allow_auto=True), config_overrides=kwargs,
         )
 
     def forward(

@@ -182,7 +182,7 @@ def load_pretrained_model(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     model_kwargs: dict[str, bool],
-    config: ViTConfig | None,
+    config: Any,
     revision: str | None,
     cache_dir: str | os.PathLike | None,
     token: str | bool | None,
@@ -191,9 +191,20 @@ def load_pretrained_model(
     attn_implementation: str | None,
     dtype: torch.dtype | str,
     config_overrides: dict[str, Any],
+    force_download: bool = False,
+    use_safetensors: bool | None = None,
+    device_map: Any = None,
 ) -> ViTPreTrainedModel:
     """``cls.from_pretrained``: read with vit_core.pretrained, build ``cls`` (random init for what the
-    checkpoint lacks), copy the weights in, cast to ``dtype``, return it in eval mode."""
+    checkpoint lacks), copy the weights in, cast to ``dtype``, return it in eval mode.
+
+    ``config_overrides`` are from_pretrained's other keywords: config fields, or options without
+    effect here (``low_cpu_mem_usage``, ``trust_remote_code``); anything else is a TypeError.
+    ``output_loading_info=True`` returns (model, transformers' loading-info dict).
+    """
+    check_device_map(device_map)
+    config_overrides = dict(config_overrides)
+    with_info = core_pretrained.pop_output_loading_info(config_overrides)
     task = cls.task
 
     def table_fn(cfg: ViTConfig) -> list[WeightSpec]:
@@ -201,8 +212,10 @@ def load_pretrained_model(
 
     config, state, report = core_pretrained.load_pretrained(
         pretrained_model_name_or_path, task, table_fn, config=config, revision=revision, cache_dir=cache_dir,
-        token=token, local_files_only=local_files_only, ignore_mismatched_sizes=ignore_mismatched_sizes,
-        config_overrides=config_overrides,
+        token=token, local_files_only=local_files_only, force_download=force_download,
+        use_safetensors=use_safetensors, ignore_mismatched_sizes=ignore_mismatched_sizes,
+        config_overrides=config_overrides, owner=f"{cls.__name__}.from_pretrained",
+        no_effect=core_pretrained.TORCH_NO_EFFECT_OPTIONS,
     )
     target_dtype = _auto_dtype(config, state) if dtype == "auto" else dtype
     model = cls(config, attn_implementation=attn_implementation, **model_kwargs)  # float32, random init
@@ -210,18 +223,40 @@ def load_pretrained_model(
     load_canonical_state(model, state, allow_missing=keep_init, source=str(pretrained_model_name_or_path))
     if target_dtype != torch.float32:
         model.to(target_dtype)
-    return model.eval()
+    model.eval()
+    return (model, core_pretrained.loading_info(report)) if with_info else model
+
+
+def check_device_map(device_map: Any) -> None:
+    """Accept the device maps that mean "everything on the CPU": None, "cpu", torch.device("cpu"),
+    {"": "cpu"}; anything else is a ValueError (vit_torch has no accelerate-style placement)."""
+    def on_cpu(device: Any) -> bool:
+        return device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")
+
+    if device_map is None or on_cpu(device_map):
+        return
+    if isinstance(device_map, dict) and device_map and all(on_cpu(v) for v in device_map.values()):
+        return
+    raise ValueError(f"device_map={device_map!r} is not supported: vit_torch loads onto the CPU only (device_map "
+                     "None, 'cpu' or torch.device('cpu')); move the model afterwards with model.to(device)")
 
 
 def save_pretrained_model(
     model: ViTPreTrainedModel, save_directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None, safe_serialization: bool = True,
 ) -> pathlib.Path:
     """Write config.json (with ``architectures`` and ``torch_dtype``, as transformers writes them) and
     model.safetensors in canonical names (the values of ``state_dict`` when given), sharded above
-    ``max_shard_size``."""
+    ``max_shard_size``; ``safe_serialization=False``: pytorch_model.bin instead."""
     config = ViTConfig.from_dict(model.config.to_dict())
     config.extra["architectures"] = [type(model).__name__]
     config.extra["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    return core_pretrained.save_pretrained(config, canonical_state(model, state_dict), save_directory,
-                                           max_shard_size=max_shard_size)
+    return core_pretrained.save_pretrained(
+        config, canonical_state(model, state_dict), save_directory, max_shard_size=max_shard_size,
+        weights_format="safetensors" if safe_serialization else core_pretrained.LEGACY_WEIGHTS["torch"][1],
+    )
+
+
+# The hub upload is the same in every framework: vit_core.pretrained's.
+push_saved = core_pretrained.push_saved
+push_to_hub = core_pretrained.push_to_hub

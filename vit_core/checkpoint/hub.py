@@ -29,6 +29,7 @@ def resolve_pretrained(
     token: str | bool | None = None,
     local_files_only: bool = False,
     filenames: Iterable[str] = ("config.json",) + WEIGHT_FILES,
+    force_download: bool = False,
 ) -> pathlib.Path:
     """Turn a local path or a hub id into a local path.
 
@@ -72,6 +73,7 @@ def resolve_pretrained(
         try:
             return pathlib.Path(hf_hub_download(
                 repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline,
+                **({"force_download": True} if force_download and not offline else {}),
             ))
         except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in huggingface_hub 0.x)
             if not offline:
