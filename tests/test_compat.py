@@ -580,6 +580,39 @@ def test_config_push_to_hub(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPa
     assert hub.call("upload_folder")["repo_id"] == "me/cfg2" and hub.call("upload_folder")["allow_patterns"] == ["config.json"]
 
 
+@pytest.mark.parametrize("kind", ["vit", "deit"])
+def test_image_processor_push_to_hub(kind: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vit_core import AutoImageProcessor, DeiTImageProcessor, ViTImageProcessor
+
+    hub = FakeHub(tmp_path / "remote")
+    hub.install(monkeypatch)
+    processor = (ViTImageProcessor(size={"height": 48, "width": 40}) if kind == "vit"
+                 else DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}))
+    assert processor.push_to_hub("me/proc", revision="dev") == "commit-info"
+    upload = hub.call("upload_folder")
+    assert upload["commit_message"] == "Upload image processor" and upload["revision"] == "dev"
+    assert sorted(p.name for p in hub.remote.iterdir()) == ["preprocessor_config.json"]
+    reloaded = AutoImageProcessor.from_pretrained(hub.remote)
+    assert type(reloaded) is type(processor) and reloaded.to_dict() == processor.to_dict()
+    hub.calls.clear()
+    out = tmp_path / "proc-dir"
+    processor.save_pretrained(out, push_to_hub=True, commit_message="p")
+    upload = hub.call("upload_folder")
+    assert (upload["repo_id"], upload["commit_message"]) == ("proc-dir", "p")
+    assert upload["allow_patterns"] == ["preprocessor_config.json"]
+    with pytest.raises(TypeError, match="'private' is a push_to_hub option"):
+        processor.save_pretrained(tmp_path / "other", private=True)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_framework_packages_export_the_processors(framework: str) -> None:
+    import vit_core
+
+    package = importlib.import_module(f"vit_{framework}")
+    for name in ("AutoConfig", "AutoImageProcessor", "ViTImageProcessor", "DeiTImageProcessor"):
+        assert name in package.__all__ and getattr(package, name) is getattr(vit_core, name)
+
+
 # ----------------------------------------------------------------------------------- 3. quiet TensorFlow
 STARTUP_MARKERS = ("oneDNN custom operations", "cpu_feature_guard", "absl::InitializeLog")
 
