@@ -7,6 +7,7 @@ Saved models are reloaded by vit_torch, vit_tf, vit_flax and transformers with t
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -188,13 +189,22 @@ def test_flax_gradient_checkpointing_switch(cls: type) -> None:
         out = m.forward(x)
         return (out.logits if hasattr(out, "logits") else out[0]).sum()
 
-    def remat_count() -> int:
-        return str(jax.make_jaxpr(nnx.grad(loss))(model)).count("remat")
+    def remat_count(**kwargs: Any) -> int:
+        def of(m: Any) -> Any:
+            out = m.forward(x, **kwargs)
+            return (out.logits if hasattr(out, "logits") else out[0]).sum()
+        return str(jax.make_jaxpr(nnx.grad(of))(model)).count("remat")
 
-    assert remat_count() == 0
+    def scanned_layers() -> list[str]:
+        return re.findall(r"length=(\d+)", str(jax.make_jaxpr(nnx.grad(loss))(model)))
+
+    assert remat_count() == 0 and scanned_layers() == []
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing
-    assert remat_count() >= TINY["num_hidden_layers"]
+    # one rematerialised layer scanned over the stacked layers (forward and backward scans) ...
+    assert remat_count() >= 1 and set(scanned_layers()) == {str(TINY["num_hidden_layers"])}
+    # ... or, where every layer's outputs are asked for, every layer under its own remat
+    assert remat_count(output_hidden_states=True) >= TINY["num_hidden_layers"]
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing and remat_count() == 0
     with pytest.raises(ValueError, match="policy"):

@@ -266,8 +266,9 @@ class ViTEncoder(nnx.Module):
 
     The layers run as an unrolled Python loop (one traced copy per layer): the fastest code XLA
     makes on CPU, at the price of compile time growing with depth. With ``gradient_checkpointing``
-    set, each layer runs under ``nnx.remat``: its activations are recomputed in the backward pass
-    (the dropout keys are explicit inputs, so the recomputed masks are the same).
+    set, each layer runs under remat: its activations are recomputed in the backward pass (the
+    dropout keys are explicit inputs, so the recomputed masks are the same); without head mask or
+    per-layer outputs the layers then run as one scan (see :meth:`_scanned_checkpointed`).
     """
 
     def __init__(self, config: ViTConfig, *, dtype: DType, param_dtype: DType) -> None:
@@ -293,6 +294,9 @@ class ViTEncoder(nnx.Module):
         if splits_batch(hidden_states, head_mask, output_attentions, output_hidden_states, dropout_rng):
             # CPU inference on a large batch: the same layers on sub-batches (layers.run_in_sub_batches)
             return run_in_sub_batches(lambda chunk: self(chunk, None, eager)[0], hidden_states), None, None
+        if (self.gradient_checkpointing and head_mask is None and not output_attentions
+                and not output_hidden_states and len(self.layer) > 1):
+            return self._scanned_checkpointed(hidden_states, eager, dropout_rng), None, None
         all_hidden_states: list[Array] = [hidden_states]
         all_attentions: list[Array] = []
         layer_rngs = split_rng(dropout_rng, len(self.layer))
@@ -312,6 +316,30 @@ class ViTEncoder(nnx.Module):
             tuple(all_attentions) if output_attentions else None,
         )
 
+
+    def _scanned_checkpointed(self, hidden_states: Array, eager: bool, dropout_rng: Array | None) -> Array:
+        """The layers under gradient checkpointing, as one ``jax.lax.scan`` of a rematerialised layer
+        over their stacked parameters: only each layer's input is kept for the backward pass.
+
+        XLA on CPU does not shorten activation lifetimes for remat'ed layers of an unrolled loop
+        (measured: the compiled step's temporary buffers do not shrink), but it does inside a scan,
+        where the loop forces the recomputation into the backward iterations. Same layers, same
+        dropout keys (split as the unrolled loop splits them), same sums in the same order.
+        """
+        graphdef = nnx.graphdef(self.layer[0])
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(m) for m in self.layer])
+        keys = None if dropout_rng is None else jnp.stack(split_rng(dropout_rng, len(self.layer)))
+
+        @functools.partial(jax.checkpoint, policy=self.checkpoint_policy)
+        def run_layer(h: Array, state: Any, key: Array | None) -> Array:
+            return nnx.merge(graphdef, state)(h, None, eager, key)[0]
+
+        def body(h: Array, xs: Any) -> tuple[Array, None]:
+            state, key = xs
+            return run_layer(h, state, key), None
+
+        hidden_states, _ = jax.lax.scan(body, hidden_states, (stacked, keys))
+        return hidden_states
 
     def _checkpointed_layer(self, eager: bool) -> Any:
         """``layer(hidden_states, head_mask, eager, dropout_rng)`` under nnx.remat (``eager`` static)."""
