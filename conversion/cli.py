@@ -1,4 +1,4 @@
-"""The ``vitx`` command line: convert, parity, classify, finetune, attention, info (docs/cli.md).
+"""The ``vitx`` command line: convert, parity, classify, predict, finetune, attention, info (docs/cli.md).
 
 Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance; 2 bad input (unknown or
 corrupt checkpoint, refused variant, destination exists, missing file, bad option), reported as
@@ -72,6 +72,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="framework that runs the model (default: torch)")
     p.add_argument("--top-k", type=int, default=5, help="labels shown per image, best first (default: 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "predict", help="batch inference over many images to a .jsonl or .parquet file (resumable, shardable)",
+        description="Classify (and embed) every image of INPUT... with CHECKPOINT: one output row per input, in a stable "
+                    'order: {"path", "label", "score", "top_k": [[label, score], ...]} (+ "embedding" with --embeddings), '
+                    'or {"path", "error"} for a file that cannot be read. Decoding and preprocessing run in --workers '
+                    "processes overlapped with the model, with a bounded number of batches in flight (flat memory). Rows are "
+                    "appended and fsynced per batch: a killed run loses only the batches in flight and --resume completes "
+                    "the file. See docs/predict.md.")
+    p.add_argument("checkpoint", help="checkpoint directory, weights file or hub id (any format vitx reads)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (walked recursively, sorted per folder) or .txt files listing paths")
+    p.add_argument("--output", required=True, metavar="FILE",
+                   help="FILE.jsonl or FILE.parquet (refused if it exists, unless --resume)")
+    p.add_argument("--framework", default="torch", choices=["torch", "tf", "flax"],
+                   help="framework that runs the model (default: torch)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward call (default: 32)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per row, best first (default: 5)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="add the final-layernormed CLS vector as \"embedding\" (required for a checkpoint without a "
+                        "classifier head: its rows hold the embedding only)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes decoding and preprocessing images; 0: in the main process (default: 2). With --ray: "
+                        "the size of the actor pool")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="only every N-th input, starting from the I-th (0-based; default: 0/1, all)")
+    p.add_argument("--resume", action="store_true",
+                   help="complete an existing --output: skip the rows already written (a partial last line is cut off)")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Data (map_batches on an actor pool holding the model) on the cluster ray.init() finds, "
+                        "or a local one; needs vitx[ray]")
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -156,6 +189,16 @@ def _framework_list(text: str) -> list[str]:
     return names
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """One --shard argument: I/N with 0 <= I < N."""
+    from .predict import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--shard {text!r}: ")) from None
+
+
 def _head(text: str) -> str | int:
     """One --head argument: "mean" or a head index."""
     if text == "mean":
@@ -225,6 +268,21 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         print(f"{image}:")
         for p in predictions:
             print(f"  {p['score']:.4f}  {p['label']}")
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import PredictOptions, predict
+
+    result = predict(PredictOptions(
+        checkpoint=args.checkpoint, inputs=list(args.inputs), output=args.output, framework=args.framework,
+        batch_size=args.batch_size, top_k=args.top_k, embeddings=args.embeddings, workers=args.workers,
+        shard=args.shard, resume=args.resume, ray=args.ray, timm_model_name=args.timm_model,
+        progress=not args.quiet))
+    if not args.quiet:
+        kept = f", {result.skipped} already there" if result.skipped else ""
+        errors = f", {result.errors} unreadable" if result.errors else ""
+        print(f"{result.output}: {result.written} rows written{kept}{errors} in {result.seconds:.1f} s")
     return EXIT_OK
 
 
@@ -299,7 +357,8 @@ def _prod(shape: Sequence[int]) -> int:
     return n
 
 
-COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "finetune": _cmd_finetune,
+COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "predict": _cmd_predict,
+            "finetune": _cmd_finetune,
             "attention": _cmd_attention, "info": _cmd_info}
 
 
