@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -286,13 +287,14 @@ def _output_format(output: pathlib.Path) -> str:
     return suffix[1:]
 
 
-def read_journal(path: pathlib.Path, *, truncate: bool) -> list[str]:
-    """The paths of the complete rows of a jsonl file; a partial last line (a killed run's) is cut
-    off when ``truncate``. A corrupt complete line is a ValueError naming it."""
+def read_journal(path: pathlib.Path) -> tuple[list[str], list[int]]:
+    """The paths of the complete rows of a jsonl file and the byte offset after each (a partial
+    last line, a killed run's, is not a row). A corrupt complete line is a ValueError naming it."""
     paths: list[str] = []
+    ends: list[int] = []
     if not path.exists():
-        return paths
-    good = 0
+        return paths, ends
+    offset = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
@@ -301,13 +303,18 @@ def read_journal(path: pathlib.Path, *, truncate: bool) -> list[str]:
                 paths.append(json.loads(line)["path"])
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{path}: line {number} is not a prediction row; cannot resume from it") from None
-            good += len(line)
-    if truncate and good != path.stat().st_size:
+            offset += len(line)
+            ends.append(offset)
+    return paths, ends
+
+
+def truncate_journal(path: pathlib.Path, size: int) -> None:
+    """Cut ``path`` back to ``size`` bytes (fsynced), when it is longer."""
+    if path.exists() and path.stat().st_size != size:
         with open(path, "r+b") as f:
-            f.truncate(good)
+            f.truncate(size)
             f.flush()
             os.fsync(f.fileno())
-    return paths
 
 
 class RowWriter:
@@ -322,17 +329,17 @@ class RowWriter:
         self.journal = output if self.format == "jsonl" else output.with_name(output.name + SIDECAR_SUFFIX)
         self._file: Any = None
 
-    def existing(self, resume: bool) -> list[str] | None:
-        """Paths already written (None: the parquet file is already complete). Refuses an existing
-        output without ``resume``."""
+    def existing(self, resume: bool) -> tuple[list[str], list[int]] | None:
+        """The paths already written and the byte offset after each (``read_journal``; None: the
+        parquet file is already complete). Refuses an existing output without ``resume``."""
         if not resume:
             for path in {self.output, self.journal}:
                 if path.exists():
                     raise FileExistsError(f"{path} exists; pass --resume to complete it, or choose another --output")
-            return []
+            return [], []
         if self.format == "parquet" and self.output.exists():
             return None
-        return read_journal(self.journal, truncate=True)
+        return read_journal(self.journal)
 
     def write(self, rows: Sequence[dict]) -> None:
         if self._file is None:
@@ -433,8 +440,12 @@ def _progress(enabled: bool, initial: int) -> Any:
                 smoothing=0.1)
 
 
-def _pending_inputs(options: PredictOptions, done: list[str]) -> Iterator[str]:
-    """The shard's inputs after the ``done`` rows, which must be the shard's first rows."""
+def _pending_inputs(options: PredictOptions, writer: RowWriter, done: list[str], ends: list[int]) -> tuple[int, Iterator[str]]:
+    """Check the ``done`` rows are the shard's first inputs, cut the journal back to the rows kept
+    and return (rows kept, the inputs still to run). A partial last line goes; while inputs remain,
+    so do the complete rows of a batch a kill cut short (a multiple of --batch-size is kept), so
+    that batch is redone whole and every row equals an uninterrupted run's. Nothing is cut before
+    the rows are known to be this run's."""
     paths = sharded(iter_inputs(options.inputs), options.shard)
     for number, written in enumerate(done, 1):
         expected = next(paths, None)
@@ -442,7 +453,13 @@ def _pending_inputs(options: PredictOptions, done: list[str]) -> Iterator[str]:
             raise ValueError(f"{options.output}: row {number} is for {written!r} but this run's input {number} is "
                              f"{expected!r}: the output was written for other inputs or another --shard; choose "
                              "another --output")
-    return paths
+    following = next(paths, None)
+    keep = len(done)
+    if following is not None:
+        keep -= keep % options.batch_size
+    truncate_journal(writer.journal, ends[keep - 1] if keep else 0)
+    rest = itertools.chain(done[keep:], [] if following is None else [following], paths)
+    return keep, rest
 
 
 def check_options(options: PredictOptions) -> None:
@@ -465,14 +482,14 @@ def predict(options: PredictOptions) -> PredictResult:
     check_options(options)
     output = pathlib.Path(options.output)
     writer = RowWriter(output, embeddings=options.embeddings)
-    done = writer.existing(options.resume)
-    if done is None:  # a finished parquet file: check it is this run's, nothing left to do
+    existing = writer.existing(options.resume)
+    if existing is None:  # a finished parquet file: check it is this run's, nothing left to do
         have = [row["path"] for row in read_rows(output)]
         expected = list(sharded(iter_inputs(options.inputs), options.shard))
         if have != expected:
             raise ValueError(f"{output} is a finished output for other inputs or another --shard; choose another --output")
         return PredictResult(output, 0, len(have), 0, time.perf_counter() - start)
-    pending = _pending_inputs(options, done)
+    kept, pending = _pending_inputs(options, writer, *existing)
     if options.ray:
         batches: Iterator[list[dict]] = run_ray(options, pending)
     else:
@@ -480,7 +497,7 @@ def predict(options: PredictOptions) -> PredictResult:
                               embeddings=options.embeddings, timm_model_name=options.timm_model_name)
         batches = _run_local(predictor, pending, batch_size=options.batch_size, workers=options.workers)
     written = errors = 0
-    bar = _progress(options.progress, len(done))
+    bar = _progress(options.progress, kept)
     try:
         for rows in batches:
             writer.write(rows)
@@ -491,7 +508,7 @@ def predict(options: PredictOptions) -> PredictResult:
     finally:
         writer.close()
         bar.close()
-    return PredictResult(output, written, len(done), errors, time.perf_counter() - start)
+    return PredictResult(output, written, kept, errors, time.perf_counter() - start)
 
 
 def _run_local(predictor: Predictor, paths: Iterator[str], *, batch_size: int, workers: int) -> Iterator[list[dict]]:
@@ -596,6 +613,7 @@ __all__ = [
     "parse_shard",
     "predict",
     "read_journal",
+    "truncate_journal",
     "read_rows",
     "sharded",
 ]
