@@ -541,8 +541,8 @@ def _run_local(predictor: Predictor, paths: Iterator[str], *, batch_size: int, w
 # --------------------------------------------------------------------------------------------- Ray
 class RayPredictor:
     """The callable class of ``map_batches``: each actor of the pool holds one ``Predictor`` and
-    turns a batch of paths into its rows (JSON text per row, so error rows and prediction rows
-    share one column)."""
+    turns each dataset row (one batch of --batch-size paths) into that batch's rows, as JSON text
+    (error rows and prediction rows share one column)."""
 
     def __init__(self, checkpoint: str, framework: str, top_k: int, embeddings: bool,
                  timm_model_name: str | None) -> None:
@@ -550,12 +550,12 @@ class RayPredictor:
                                    timm_model_name=timm_model_name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        rows = self.predictor.rows(paths, *decode_batch(paths, self.predictor.image_processor))
-        return {"row": np.array([json.dumps(row, ensure_ascii=False) for row in rows], dtype=object)}
-
-
-RAY_INIT_TIMEOUT_S = 120
+        out = []
+        for paths in batch["paths"]:
+            paths = [str(p) for p in paths]
+            rows = self.predictor.rows(paths, *decode_batch(paths, self.predictor.image_processor))
+            out.append(json.dumps(rows, ensure_ascii=False))
+        return {"rows": np.array(out, dtype=object)}
 
 
 def _ray_init() -> bool:
@@ -575,28 +575,30 @@ def _ray_init() -> bool:
 
 
 def run_ray(options: PredictOptions, paths: Iterator[str]) -> Iterator[list[dict]]:
-    """Rows in input order from Ray Data: ``from_items`` over the paths, ``map_batches`` on a pool of
-    ``max(1, workers)`` actors (one CPU each) holding the model, order preserved."""
+    """Rows in input order from Ray Data: ``from_items`` over the batches of paths (one dataset row
+    per --batch-size paths, so the model sees the batches a local run gives it and the rows are
+    equal), ``map_batches`` on a pool of ``max(1, workers)`` actors (one CPU each) holding the
+    model, order preserved."""
     started = _ray_init()
     import ray
     import ray.data
 
     try:
-        items = [{"path": path} for path in paths]
+        items = [{"paths": batch} for batch in batched(paths, options.batch_size)]
         if not items:
             return
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
-        blocks = max(1, -(-len(items) // options.batch_size))
-        dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            RayPredictor, batch_size=options.batch_size, batch_format="numpy", num_cpus=1,
-            concurrency=max(1, options.workers),
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            RayPredictor, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, options.workers)),
             fn_constructor_kwargs={"checkpoint": options.checkpoint, "framework": options.framework,
                                    "top_k": options.top_k, "embeddings": options.embeddings,
                                    "timm_model_name": options.timm_model_name})
-        for batch in dataset.iter_batches(batch_size=options.batch_size, batch_format="numpy", prefetch_batches=1):
-            yield [json.loads(text) for text in batch["row"]]
+        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
+            for text in batch["rows"]:
+                yield json.loads(text)
     finally:
         if started:
             ray.shutdown()
