@@ -8,7 +8,7 @@ Run it on a quiet machine (timing under load is meaningless):
     python -m benchmarks.predict --images 2000 --batch-size 32 --workers 4 --threads 16
     python -m benchmarks.predict --only vitx,pipeline   # skip timm (no peers venv needed)
     python -m benchmarks.predict --only processors      # ViTImageProcessor(Fast) images/s only
-    python -m benchmarks.predict --rss 1000,10000       # peak RSS of vitx predict (tiny model)
+    python -m benchmarks.predict --rss 1000,10000 --only ""   # peak RSS of vitx predict only (tiny model)
     python -m benchmarks.predict --quick                # smoke test: tiny model, 24 JPEGs, no timing value
 
 Entries (the same seeded checkpoint, benchmarks/fixtures.py, and the same files):
@@ -248,22 +248,69 @@ ENTRY_FUNCTIONS = {"vitx": entry_vitx, "pipeline": entry_pipeline, "timm": entry
 
 
 # --------------------------------------------------------------------------------------------- peak RSS
-def measure_rss(count: int, workers: int, batch_size: int, timeout: float) -> dict:
-    """Peak RSS (ru_maxrss) of ``vitx predict`` over ``count`` small JPEGs with a tiny model, in a
-    fresh process: the main process and the largest decoding worker."""
+_RSS_PROBE = """
+import json, os, threading, time
+from conversion.predict import PredictOptions, predict
+
+def status(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+def children(pid):
+    # a child still showing this process's command line is a fork before its exec: its pages are ours
+    out, own = [], cmdline(pid)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split() if cmdline(int(c)) not in (own, b"")]
+        except OSError:
+            pass
+    return out
+
+peak = {"worker": 0.0, "total": 0.0}
+stop = threading.Event()
+
+def sample():
+    me = os.getpid()
+    while not stop.is_set():
+        workers = [status(c, "VmRSS") for c in children(me)]
+        peak["worker"] = max([peak["worker"], *workers])
+        peak["total"] = max(peak["total"], status(me, "VmRSS") + sum(workers))
+        time.sleep(0.05)
+
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+r = predict(PredictOptions(CHECKPOINT, [ROOT], OUTPUT, batch_size=BATCH, workers=WORKERS, progress=False))
+stop.set()
+thread.join()
+print("BENCH_RESULT " + json.dumps({"rows": r.written, "seconds": r.seconds,
+      "main_peak_rss_mib": status(os.getpid(), "VmHWM"), "worker_peak_rss_mib": peak["worker"],
+      "total_peak_rss_mib": peak["total"]}))
+"""
+
+
+def measure_rss(count: int, workers: int, batch_size: int, timeout: float, threads: int = 1) -> dict:
+    """Peak RSS of ``vitx predict`` over ``count`` small JPEGs with a tiny model, in a fresh process:
+    the main process's VmHWM, the largest decoding worker's and the whole tree's sampled VmRSS (every
+    50 ms, after each worker's exec; ru_maxrss would charge a spawned worker with its parent's RSS at
+    the fork before its exec).
+    ``threads`` torch threads: memory, not speed, is measured."""
     root = ensure_jpegs(count, small=True)
     checkpoint = ensure_checkpoint("tiny")
     with tempfile.TemporaryDirectory() as tmp:
-        code = (
-            "import json, resource, sys\n"
-            "from conversion.predict import PredictOptions, predict\n"
-            f"r = predict(PredictOptions({str(checkpoint)!r}, [{str(root)!r}], {tmp + '/rows.jsonl'!r}, "
-            f"batch_size={batch_size}, workers={workers}, progress=False))\n"
-            "print('BENCH_RESULT ' + json.dumps({'rows': r.written, 'seconds': r.seconds, "
-            "'main_peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
-            "'worker_peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        code = (f"CHECKPOINT, ROOT, OUTPUT = {str(checkpoint)!r}, {str(root)!r}, {tmp + '/rows.jsonl'!r}\n"
+                f"BATCH, WORKERS = {batch_size}, {workers}\n" + _RSS_PROBE)
+        env = {**os.environ, **thread_env(threads), "PYTHONPATH": str(REPO)}
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
     result = parse_emitted(done.stdout)
@@ -334,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(ENTRIES))
     if unknown:
         raise SystemExit(f"unknown entries {unknown}; choose from {', '.join(ENTRIES)}")
-    ensure_jpegs(args.images, root=root)
-    ensure_jpegs(2 * args.batch_size, root=CACHE_DIR / "predict-jpegs-warm")
-    ensure_checkpoint(args.model)
+    if only:
+        ensure_jpegs(args.images, root=root)
+        ensure_jpegs(2 * args.batch_size, root=CACHE_DIR / "predict-jpegs-warm")
+        ensure_checkpoint(args.model)
     report: dict[str, Any] = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
                               "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(),
                               "load_average_at_start": list(os.getloadavg()), "entries": {}}

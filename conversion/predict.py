@@ -26,7 +26,6 @@ import os
 import pathlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -252,14 +251,27 @@ class Predictor:
                 logits = to_numpy(classifier(cls) if classifier is not None else cls).astype(np.float32)
             return logits, to_numpy(cls).astype(np.float32)
 
+    def _top_k(self, logits: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per image the top-k (label, score) pairs, best first, as transformers' image-classification
+        pipeline scores them: float32 softmax, or sigmoid for multi-label (and single-output) models;
+        ties keep the lower class index first (a stable sort), k clamped to the number of labels."""
+        config = self.pipe.config
+        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            scores = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            scores = shifted / shifted.sum(axis=-1, keepdims=True)
+        k = min(self.top_k, scores.shape[-1])
+        order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+        names = config.id2label
+        return [[(names.get(int(i), f"LABEL_{int(i)}"), row[i].item()) for i in best] for row, best in zip(scores, order)]
+
     def rows(self, paths: Sequence[str], pixel_values: np.ndarray | None, errors: Sequence[str | None]) -> list[dict]:
         """One row per path, in order: predictions for a decoded image, ``{"path", "error"}`` otherwise."""
         logits = features = None
         if pixel_values is not None and len(pixel_values):
             logits, features = self._outputs(pixel_values)
-        top: list[Any] = []
-        if logits is not None:
-            top = self.pipe._postprocess(SimpleNamespace(logits=logits), top_k=self.top_k, function_to_apply=None)
+        top = self._top_k(logits) if logits is not None else []
         rows: list[dict] = []
         good = 0
         for path, error in zip(paths, errors):
@@ -269,9 +281,8 @@ class Predictor:
             row: dict[str, Any] = {"path": str(path)}
             if logits is not None:
                 best = top[good]
-                row["label"] = best[0]["label"]
-                row["score"] = best[0]["score"]
-                row["top_k"] = [[p["label"], p["score"]] for p in best]
+                row["label"], row["score"] = best[0]
+                row["top_k"] = [[label, score] for label, score in best]
             if features is not None:
                 row["embedding"] = features[good].tolist()
             rows.append(row)
