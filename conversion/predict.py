@@ -159,12 +159,6 @@ _WORKER_PROCESSOR: Any = None
 def _init_worker(processor: Any) -> None:
     global _WORKER_PROCESSOR
     _WORKER_PROCESSOR = processor
-    try:  # one decoding thread per worker process: W workers use W cores
-        import cv2  # type: ignore[import-not-found]
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
 
 
 def _error_text(e: BaseException) -> str:
@@ -205,6 +199,20 @@ def decode_batch(paths: Sequence[str], processor: Any = None) -> tuple[np.ndarra
 
 
 # --------------------------------------------------------------------------------------------- the model
+def check_checkpoint(checkpoint: str, *, embeddings: bool, timm_model_name: str | None = None) -> bool:
+    """Whether the checkpoint has a classifier head (read lazily, no weights loaded); one without
+    a head is refused unless ``embeddings`` (its rows hold the embedding only)."""
+    from .detect import open_checkpoint
+    from .formats.base import task_of
+
+    loaded = open_checkpoint(checkpoint, timm_model_name=timm_model_name)
+    classify = task_of(loaded.state) == "classification"
+    if not classify and not embeddings:
+        raise ValueError(f"{checkpoint}: the checkpoint has no classifier head, so there are no labels to predict; "
+                         "pass --embeddings for rows with the embedding only")
+    return classify
+
+
 class Predictor:
     """The model of a checkpoint in one framework (loaded by ``conversion.pipeline``) and the rows
     of a batch of pixel values: top-k labels with transformers' pipeline scores (softmax; sigmoid
@@ -214,16 +222,9 @@ class Predictor:
 
     def __init__(self, checkpoint: str, *, framework: str = "torch", top_k: int = 5, embeddings: bool = False,
                  timm_model_name: str | None = None) -> None:
-        from .detect import open_checkpoint
-        from .formats.base import task_of
         from .pipeline import ImageClassificationPipeline, ImageFeatureExtractionPipeline
 
-        loaded = open_checkpoint(checkpoint, timm_model_name=timm_model_name)
-        self.classify = task_of(loaded.state) == "classification"
-        del loaded
-        if not self.classify and not embeddings:
-            raise ValueError(f"{checkpoint}: the checkpoint has no classifier head, so there are no labels to predict; "
-                             "pass --embeddings for rows with the embedding only")
+        self.classify = check_checkpoint(checkpoint, embeddings=embeddings, timm_model_name=timm_model_name)
         self.embeddings = embeddings
         self.top_k = top_k
         if self.classify:
@@ -367,9 +368,10 @@ class RowWriter:
 
     def finish(self) -> None:
         self.close()
+        if not self.journal.exists():  # no input at all: an empty output, not none
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self.journal.touch()
         if self.format == "parquet":
-            if not self.journal.exists():  # no input at all
-                self.journal.touch()
             journal_to_parquet(self.journal, self.output, embeddings=self.embeddings)
             self.journal.unlink()
 
@@ -502,6 +504,7 @@ def predict(options: PredictOptions) -> PredictResult:
         return PredictResult(output, 0, len(have), 0, time.perf_counter() - start)
     kept, pending = _pending_inputs(options, writer, *existing)
     if options.ray:
+        check_checkpoint(options.checkpoint, embeddings=options.embeddings, timm_model_name=options.timm_model_name)
         batches: Iterator[list[dict]] = run_ray(options, pending)
     else:
         predictor = Predictor(options.checkpoint, framework=options.framework, top_k=options.top_k,

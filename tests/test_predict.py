@@ -305,24 +305,48 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(checkpoint: pathlib.Path, 
     assert rows == read_rows(whole)
 
 
-@pytest.fixture()
-def local_ray() -> Any:
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+RAY_SCRIPT = """
+import json, sys
+import ray
+from conversion.predict import PredictOptions, predict
+checkpoint, images, tmp = sys.argv[1:4]
+common = dict(batch_size=3, embeddings=True, ray=True, workers=2, progress=False)
+# 1. vitx predict --ray on its own: ray.init() starts a local instance (127.0.0.1, no dashboard), shut down after
+first = predict(PredictOptions(checkpoint, [images], tmp + "/self.jsonl", **common))
+assert not ray.is_initialized()
+# 2. on a cluster the caller started (the CI instance: 2 CPUs), left running
+ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+         configure_logging=False)
+second = predict(PredictOptions(checkpoint, [images], tmp + "/ray.jsonl", **common))
+assert ray.is_initialized()
+ray.shutdown()
+print("RESULT " + json.dumps([first.written, first.errors, second.written, second.errors]))
+"""
 
 
 def test_ray_rows_equal_the_single_process_rows(checkpoint: pathlib.Path, images: pathlib.Path,
-                                                tmp_path: pathlib.Path, local_ray: Any) -> None:
-    local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+                                                tmp_path: pathlib.Path) -> None:
+    """--ray on a local instance it starts itself and on one started with ray.init(num_cpus=2), in a
+    subprocess bounded in time (its process group, Ray's processes included, is killed on a timeout)."""
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    local = tmp_path / "local.jsonl"
     run(checkpoint, [images], local, batch_size=3, embeddings=True)
-    result = run(checkpoint, [images], distributed, batch_size=3, embeddings=True, ray=True, workers=2)
-    assert result.written == 8 and result.errors == 1
-    assert_same_rows(read_rows(distributed), read_rows(local), atol=1e-6)  # a 1-CPU actor's torch: last-ulp sums
-    assert local_ray.is_initialized()  # a cluster it did not start is left running
+    proc = subprocess.Popen([sys.executable, "-c", RAY_SCRIPT, str(checkpoint), str(images), str(tmp_path)], cwd=ROOT,
+                            env={**_env(), "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-3000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert json.loads(line[len("RESULT "):]) == [8, 1, 8, 1]
+    expected = read_rows(local)
+    for name in ("self.jsonl", "ray.jsonl"):
+        assert_same_rows(read_rows(tmp_path / name), expected, atol=1e-6)  # a 1-CPU actor's torch: last-ulp sums
