@@ -324,7 +324,9 @@ def _run_entry(name: str, args: argparse.Namespace, timeout: float) -> dict:
     command = [sys.executable, "-m", "benchmarks.predict", "--entry", name, "--model", args.model,
                "--images", str(args.images), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                "--threads", str(args.threads)]
-    env = {**os.environ, **thread_env(args.threads), "PYTHONPATH": str(REPO)}
+    # transformers' pipeline: torch only (without USE_TF=0 it imports TensorFlow too, tens of seconds)
+    env = {**os.environ, **thread_env(args.threads), "PYTHONPATH": str(REPO), "USE_TF": "0", "USE_FLAX": "0",
+           "USE_TORCH": "1"}
     if name == "timm":
         from .peers import ensure_peers_venv, peers_env
 

@@ -130,11 +130,11 @@ def test_quick_training_benchmark_writes_the_report(tmp_path: pathlib.Path) -> N
 
 def test_predict_benchmark_quick_mode_checks_labels_against_the_pipeline(tmp_path: pathlib.Path) -> None:
     """benchmarks/predict.py (issue #12): vitx predict and transformers' pipeline on the same generated
-    JPEGs with the same labels, and vitx predict's peak RSS; times nothing meaningful."""
+    JPEGs with the same labels, the image processors, vitx predict's peak RSS; times nothing meaningful."""
     pytest.importorskip("transformers")
     out = tmp_path / "predict.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.predict", "--quick", "--only", "vitx,pipeline",
-                           "--rss", "40", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.predict", "--quick", "--only", "vitx,pipeline,processors",
+                           "--rss", "16", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert (report["model"], report["images"], report["batch_size"]) == ("tiny", 24, 4)
@@ -146,25 +146,18 @@ def test_predict_benchmark_quick_mode_checks_labels_against_the_pipeline(tmp_pat
     labels = report["checks"]["labels_vitx_vs_pipeline"]
     assert labels["images"] == 24 and labels["same_length"] and labels["mismatches"] == 0
     assert labels["same_label"] + labels["ties"] == 24 and report["checks"]["speedup_vs_pipeline"] > 0
+
+    processors = report["entries"]["processors"]
+    for name in ("vitx-slow", "vitx-fast", "transformers-slow"):
+        assert processors[name]["images_per_s"] > 0 and processors[name]["images"] == 24, processors[name]
+    assert processors["vitx-slow"]["max_abs_diff_vs_transformers_slow"] == 0.0  # the same pixels as transformers
+    assert processors["vitx-fast"]["max_abs_diff_vs_transformers_slow"] <= 1 / 127.5 + 1e-6  # one uint8 step at most
+    assert "images_per_s" in processors["transformers-fast"] or "error" in processors["transformers-fast"]
+
     (rss,) = report["rss"]
-    assert rss["images"] == rss["rows"] == 40
+    assert rss["images"] == rss["rows"] == 16
     assert 0 < rss["worker_peak_rss_mib"] < rss["main_peak_rss_mib"] <= rss["total_peak_rss_mib"]
 
     helped = subprocess.run([sys.executable, "-m", "benchmarks.predict", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "quiet machine" in helped.stdout and "--images" in helped.stdout
-
-
-def test_predict_benchmark_times_the_image_processors() -> None:
-    pytest.importorskip("transformers")
-    import argparse
-
-    from benchmarks.predict import CACHE_DIR, ensure_checkpoint, ensure_jpegs, entry_processors, jpeg_paths
-
-    paths = jpeg_paths(ensure_jpegs(24, root=CACHE_DIR / "predict-jpegs-24"))
-    result = entry_processors(argparse.Namespace(batch_size=4), ensure_checkpoint("tiny"), paths, [])
-    for name in ("vitx-slow", "vitx-fast", "transformers-slow"):
-        assert result[name]["images_per_s"] > 0 and result[name]["images"] == 24, result[name]
-    assert result["vitx-slow"]["max_abs_diff_vs_transformers_slow"] == 0.0  # the same pixels as transformers
-    assert result["vitx-fast"]["max_abs_diff_vs_transformers_slow"] <= 1 / 127.5 + 1e-6  # one uint8 step at most
-    assert "images_per_s" in result["transformers-fast"] or "error" in result["transformers-fast"]
