@@ -350,3 +350,17 @@ def test_ray_rows_equal_the_single_process_rows(checkpoint: pathlib.Path, images
     expected = read_rows(local)
     for name in ("self.jsonl", "ray.jsonl"):
         assert_same_rows(read_rows(tmp_path / name), expected, atol=1e-6)  # a 1-CPU actor's torch: last-ulp sums
+
+
+def test_multi_label_scores_are_sigmoids_as_the_pipeline(tmp_path: pathlib.Path, images: pathlib.Path) -> None:
+    from conversion.pipeline import pipeline
+
+    multi = _save(tmp_path / "multi", "classification", problem_type="multi_label_classification")
+    out = tmp_path / "multi.jsonl"
+    photos = [images / "rocket.jpg", images / "camera.png"]
+    run(multi, photos, out, top_k=5)
+    theirs = pipeline("image-classification", model=str(multi), top_k=5)([str(p) for p in photos])
+    for row, expected in zip(read_rows(out), theirs):
+        assert [label for label, _ in row["top_k"]] == [p["label"] for p in expected]
+        np.testing.assert_allclose([s for _, s in row["top_k"]], [p["score"] for p in expected], rtol=0, atol=1e-6)
+        assert sum(s for _, s in row["top_k"]) > 1.0  # five sigmoids, not a softmax
