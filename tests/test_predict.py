@@ -275,10 +275,19 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(checkpoint: pathlib.Path, 
                "--batch-size", "2", "--workers", "1"]
     proc = subprocess.Popen(command, cwd=ROOT, env=_env(), start_new_session=True, stderr=subprocess.PIPE)
     try:
-        with open(fifo, "w") as f:  # blocks until predict opens the list
+        deadline = time.monotonic() + 120
+        while True:  # wait (bounded) for predict to open the list for reading
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # ENXIO: no reader yet
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "predict did not open its input list in 120 s"
+                time.sleep(0.05)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "w") as f:
             f.write("".join(p + "\n" for p in paths[:12]))
             f.flush()
-            deadline = time.monotonic() + 120
             while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 assert time.monotonic() < deadline, "no rows on disk after 120 s"
