@@ -378,7 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitx: error: {where}{os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("vitx: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        if args.command == "predict":  # its rows are kept on purpose: --resume finishes the file
+            print(f"vitx: interrupted; the rows written so far are kept in {args.output}: run the same command with "
+                  "--resume to finish it", file=sys.stderr)
+        else:
+            print("vitx: interrupted (nothing half-written was left behind)", file=sys.stderr)
         return 130
     return code
 
