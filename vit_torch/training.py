@@ -109,6 +109,9 @@ class TrainStep:
             if parallel.fsdp:
                 from torch.distributed.fsdp import fully_shard
 
+                with torch.no_grad():  # FSDP frees and re-allocates storage: none may be borrowed from numpy
+                    for p in model.parameters():
+                        p.data = p.data.clone()
                 for layer in model.vit.encoder.layer:
                     fully_shard(layer)
                 fully_shard(model)
