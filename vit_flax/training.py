@@ -77,8 +77,7 @@ class Parallel:
         self.fsdp = fsdp
         self._distributed = coordinator_address is not None
         if self._distributed:
-            if jax.default_backend() == "cpu" or not jax.config.jax_platforms or "cpu" in str(jax.config.jax_platforms):
-                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
             jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                        initialization_timeout=max(1, int(timeout)),
                                        heartbeat_timeout_seconds=max(10, int(timeout)))
