@@ -125,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="seconds the workers wait for each other (first meeting and each collective) before the run "
                         "fails (default: 600)")
-    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-steps", type=int, metavar="N",
+                   help="stop after N optimizer steps of this invocation, as if interrupted (exit code 130; the last "
+                        "finished epoch's checkpoint stays for --resume)")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes")
 
     from .attention import METHODS
