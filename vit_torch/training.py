@@ -179,12 +179,14 @@ class TrainStep:
 
     # -------------------------------------------------------------------------- state
     def _full(self, tensor: torch.Tensor) -> torch.Tensor:
-        # an FSDP2 shard (DTensor) gathered whole; every process must call it
-        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        # an FSDP2 shard (DTensor) gathered whole, as a new tensor (numpy must never hold FSDP's own
+        # storage: it would no longer be resizable, and FSDP frees it); every process must call it
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.clone()
 
     def weights(self) -> dict[str, np.ndarray]:
         """The model's weights, canonical names and layout (under FSDP every process must call it)."""
         if self.parallel is not None and self.parallel.fsdp:
+            self.model.reshard()  # the root stays unsharded after an inference forward: shard it again
             return canonical_state(self.model, {name: self._full(p.detach()) for name, p in self.model.named_parameters()})
         return canonical_state(self.model)
 
@@ -193,6 +195,8 @@ class TrainStep:
         state = self.optimizer.state
         if not all(p in state for _, p in self._params):
             return {}
+        if self.parallel is not None and self.parallel.fsdp:
+            self.model.reshard()
         out: dict[str, np.ndarray] = {"step": np.asarray(int(state[self._params[0][1]]["step"]), np.int64)}
         for moment in ("exp_avg", "exp_avg_sq"):
             for spec, p in self._params:
