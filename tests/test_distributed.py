@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -71,7 +72,15 @@ def run(argv: list[str], env: dict[str, str] | None = None, prelude: str = "") -
     """``python -m conversion.cli ARGV`` (or ``prelude`` then conversion.cli.main) in a subprocess, bounded in time."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     code = f"import sys\n{prelude}\nfrom conversion.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], env=environment, timeout=TIMEOUT).returncode
+    process = subprocess.Popen([sys.executable, "-c", code, *argv], env=environment, start_new_session=True)
+    try:
+        return process.wait(timeout=TIMEOUT)
+    finally:  # the launcher's workers too, whatever happened
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
 def compare(expected: pathlib.Path, got: pathlib.Path, what: str) -> tuple[float, float]:
