@@ -18,6 +18,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -206,3 +207,39 @@ def test_failing_worker_ends_the_run_with_its_exit_code(task: Any, tmp_path: pat
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert run(cli_args(task, "torch", tmp_path / "taken", "--nproc", "2")) == 2
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_launcher_stops_every_worker_when_one_fails(tmp_path: pathlib.Path) -> None:
+    """conversion.distributed._run_workers: the first failing worker's exit code, the others stopped;
+    a worker's output is shown when it fails."""
+    from conversion.distributed import _run_workers
+
+    sleeper = tmp_path / "sleeper.pid"
+    started = time.monotonic()
+    code = _run_workers([[sys.executable, "-c", f"import os, time; open({str(sleeper)!r}, 'w').write(str(os.getpid())); "
+                                                "time.sleep(60)"],
+                         [sys.executable, "-c", "import sys, time; time.sleep(1); print('worker 1 gives up'); sys.exit(3)"]],
+                        [{}, {}])
+    assert code == 3 and time.monotonic() - started < 30
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(sleeper.read_text()), 0)
+    assert _run_workers([[sys.executable, "-c", "pass"]] * 2, [{}, {}]) == 0
+
+
+def test_terminated_launcher_stops_its_workers(tmp_path: pathlib.Path) -> None:
+    """SIGTERM (or Ctrl-C) to the launcher: every worker is stopped and the launcher exits 130."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    worker = f"import os, time; open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close(); time.sleep(60)"
+    code = ("import sys\nfrom conversion.distributed import _run_workers\n"
+            f"sys.exit(_run_workers([[sys.executable, '-c', {worker!r}]] * 2, [{{}}, {{}}]))")
+    launcher = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2:
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 130
+    for pid in pids.iterdir():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid.name), 0)
