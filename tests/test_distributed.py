@@ -152,9 +152,11 @@ def test_flax_mesh_of_two_devices_matches_one(task: Any, tmp_path: pathlib.Path,
     """One process, two XLA CPU devices: batch sharded (parameters replicated, then --fsdp sharded)."""
     expected = reference("flax", task, tmp_path_factory)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # both runs in one process (one start of jax): the first through main() before the second
+    first = f"from conversion.cli import main as first\nassert first({cli_args(task, 'flax', tmp_path / 'mesh')!r}) == 0"
+    assert run(cli_args(task, "flax", tmp_path / "mesh-fsdp", "--fsdp"), env=env, prelude=first) == 0
     for name, extra in (("mesh", []), ("mesh-fsdp", ["--fsdp"])):
         out = tmp_path / name
-        assert run(cli_args(task, "flax", out, *extra), env=env) == 0
         parallel = json.loads((out / "metrics.json").read_text())["data_parallel"]
         assert parallel == {"workers": 2, "processes": 1, "global_batch_size": 8, "fsdp": bool(extra)}
         compare(expected, out, f"flax {name} 1 process x 2 devices")
