@@ -124,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=3, help="passes over the training images (default: 3)")
     length.add_argument("--max-steps", type=int, help="optimizer steps in all (instead of --epochs)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per optimizer step (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per optimizer step of one worker (default: 8); N data-parallel workers (--nproc, "
+                        "torchrun, TF_CONFIG, several devices) take global batches of N * batch-size images")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay, not applied to biases and LayerNorm (default: 0)")
@@ -142,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="compute dtype (bfloat16: torch autocast, Keras mixed_bfloat16, Flax dtype; weights stay float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding and augmenting images (default: 2)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N local data-parallel worker processes with the framework's launcher (torch: torchrun "
+                        "--standalone; flax: jax.distributed; tf: TF_CONFIG + MultiWorkerMirroredStrategy), all on "
+                        "127.0.0.1 (default: 1)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters and optimizer state over the workers (torch: FSDP2 fully_shard under "
+                        "torchrun or --nproc; flax: along the device mesh's data axis)")
+    p.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="flax: the jax.distributed coordinator (process 0's address); with --num-processes and --process-id")
+    p.add_argument("--num-processes", type=int, metavar="N", help="flax: processes in the jax.distributed run")
+    p.add_argument("--process-id", type=int, metavar="I", help="flax: this process's index in [0, N)")
+    p.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="seconds the workers wait for each other (first meeting and each collective) before the run "
+                        "fails (default: 600)")
+    p.add_argument("--stop-after-steps", type=int, metavar="N",
+                   help="stop after N optimizer steps of this invocation, as if interrupted (exit code 130; the last "
+                        "finished epoch's checkpoint stays for --resume)")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes")
 
     from .attention import METHODS
@@ -287,8 +306,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune, options_from_args
+    from .finetune import finetune, launch_from_args, options_from_args
 
+    if args.nproc > 1:
+        return launch_from_args(args, args.argv)
     result = finetune(options_from_args(args))
     if args.quiet:
         return EXIT_OK
@@ -365,6 +386,7 @@ COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_cla
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitx`` console script. Returns the exit code (also via SystemExit)."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_quiet(args.quiet)
     try:
         code = COMMANDS[args.command](args)

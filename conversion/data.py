@@ -21,6 +21,7 @@ from PIL import Image
 
 from vit_core.image_processing import ViTImageProcessor
 from vit_core.image_transforms import resize_with_pillow
+from vit_core.training import part_bounds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # decoded images kept in memory after the check pass, at most this many bytes (the rest are read again)
@@ -238,18 +239,37 @@ class Batches:
     ``augment``: a random-resized crop and a horizontal flip per example, drawn from (seed, epoch,
     example index); otherwise the processor's own resize. Rescale and normalize are the processor's.
     Batches are prepared ``prefetch`` ahead in a thread pool (Pillow releases the GIL).
+
+    ``parts`` and ``mine`` (first part, number of parts): each batch of ``batch_size`` (the global
+    batch of every worker together) is split into ``parts`` contiguous parts
+    (:func:`vit_core.training.part_bounds`), and this process loads and yields only its parts
+    ``mine[0] .. mine[0] + mine[1] - 1``, perhaps no rows at all. The order, the crops and the flips
+    are those of the whole batch, whatever ``parts``.
     """
 
     def __init__(self, data: ImageData, examples: Sequence[Example], processor: ViTImageProcessor, size: int,
-                 batch_size: int, *, augment: bool, seed: int, workers: int = 2, prefetch: int = 2) -> None:
+                 batch_size: int, *, augment: bool, seed: int, workers: int = 2, prefetch: int = 2,
+                 parts: int = 1, mine: tuple[int, int] = (0, 1)) -> None:
         self.data, self.examples, self.processor = data, list(examples), processor
         self.size, self.batch_size, self.augment, self.seed = size, batch_size, augment, seed
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        if not (parts >= 1 and 0 <= mine[0] and mine[1] >= 1 and mine[0] + mine[1] <= parts):
+            raise ValueError(f"parts {mine[0]}..{mine[0] + mine[1] - 1} of {parts} do not exist")
+        self.parts, self.mine = parts, mine
         self._resized: dict[int, np.ndarray] = {}  # un-augmented images at the model's size, uint8
         self._resized_bytes = 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.examples) / self.batch_size)
+
+    def rows(self, index: int) -> int:
+        """The rows of batch ``index`` of an epoch, every part together (the last batch may be short)."""
+        return min(self.batch_size, len(self.examples) - index * self.batch_size)
+
+    def local_bounds(self, index: int) -> np.ndarray:
+        """Offsets of this process's parts within the rows it gets of batch ``index`` (``mine[1] + 1`` of them)."""
+        bounds = part_bounds(self.rows(index), self.parts)[self.mine[0]:self.mine[0] + self.mine[1] + 1]
+        return bounds - bounds[0]
 
     def order(self, epoch: int, shuffle: bool) -> np.ndarray:
         """The example order of ``epoch`` (0-based)."""
@@ -276,6 +296,8 @@ class Batches:
         return out[:, ::-1] if rng.random() < 0.5 else out
 
     def _batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(indices) == 0:  # a worker's empty part of a short last batch
+            return np.zeros((0, 3, self.size, self.size), np.float32), np.zeros(0, np.int64)
         images = [self._one(int(i), epoch) for i in indices]
         pixel_values = self.processor(images, do_resize=False, return_tensors="np")["pixel_values"]
         labels = np.asarray([self.examples[int(i)].label for i in indices], np.int64)
@@ -285,6 +307,10 @@ class Batches:
         """The batches of ``epoch`` from batch ``start`` on."""
         order = self.order(epoch, shuffle)
         chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][start:]
+        if self.parts > 1:
+            first, count = self.mine
+            chunks = [chunk[part_bounds(len(chunk), self.parts)[first]:part_bounds(len(chunk), self.parts)[first + count]]
+                      for chunk in chunks]
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             pending = [pool.submit(self._batch, chunk, epoch) for chunk in chunks[:self.prefetch]]
             for i in range(len(chunks)):

@@ -78,6 +78,13 @@ class FinetuneOptions:
     gradient_checkpointing: bool = False
     quiet: bool = False
     workers: int = 2
+    # more than one process (docs/training.md, "More than one process"); batch_size is per worker
+    nproc: int = 1
+    fsdp: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    collective_timeout: float = 600.0
     # stop (as if killed) after this many optimizer steps of this invocation: for tests of --resume
     stop_after_steps: int | None = field(default=None, repr=False)
 
@@ -89,6 +96,19 @@ class FinetuneOptions:
                                  ("warmup-steps", self.warmup_steps, 0), ("workers", self.workers, 1)):
             if value < low:
                 problems.append(f"--{name} must be >= {low}, got {value}")
+        if self.nproc < 1:
+            problems.append(f"--nproc must be >= 1, got {self.nproc}")
+        if not (self.collective_timeout > 0 and math.isfinite(self.collective_timeout)):
+            problems.append(f"--collective-timeout must be a positive number of seconds, got {self.collective_timeout}")
+        jax_flags = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(v is not None for v in jax_flags):
+            if self.framework != "flax":
+                problems.append("--coordinator-address, --num-processes and --process-id are for --framework flax "
+                                "(torch: torchrun, tf: TF_CONFIG)")
+            elif any(v is None for v in jax_flags):
+                problems.append("--coordinator-address, --num-processes and --process-id go together")
+            elif not (self.num_processes >= 1 and 0 <= self.process_id < self.num_processes):
+                problems.append(f"--process-id must be in [0, --num-processes), got {self.process_id} of {self.num_processes}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"--max-steps must be >= 1, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -104,9 +124,11 @@ class FinetuneOptions:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def run_record(self) -> dict[str, Any]:
+    def run_record(self, parts: int = 1) -> dict[str, Any]:
         record = {name: getattr(self, name) for name in RUN_FIELDS}
         record["data"] = str(pathlib.Path(self.data).expanduser().resolve())
+        if parts > 1:  # the global batch is parts * batch_size: a resumed run needs as many workers
+            record["data_parallel_workers"] = parts
         return record
 
 
@@ -217,15 +239,32 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     options.check()
     out = pathlib.Path(options.output).expanduser()
     checkpoint = out / CHECKPOINT_DIR
-    record = options.run_record()
+    fw = _framework(options.framework)
+    parallel = fw.parallel(fsdp=options.fsdp, timeout=options.collective_timeout,
+                           coordinator_address=options.coordinator_address, num_processes=options.num_processes,
+                           process_id=options.process_id)
+    try:
+        return _finetune(options, out, checkpoint, fw, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _finetune(options: FinetuneOptions, out: pathlib.Path, checkpoint: pathlib.Path, fw: Any,
+              parallel: Any) -> FinetuneResult:
+    main = parallel is None or parallel.rank == 0
+    parts = 1 if parallel is None else parallel.parts
+    if not main:  # rank 0 alone speaks, logs and writes
+        options = dataclasses.replace(options, quiet=True, log=None)
+    record = options.run_record(parts)
     resumed: dict[str, Any] | None = None
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if options.resume:
         if (checkpoint / STATE_FILE).is_file():
             resumed = _read_json(checkpoint / STATE_FILE)
-            changed = [f"--{k.replace('_', '-')} ({resumed['run'].get(k)!r} there, {v!r} now)"
-                       for k, v in record.items() if resumed["run"].get(k) != v]
+            changed = [f"--{k.replace('_', '-')} ({resumed['run'].get(k)!r} there, {record.get(k)!r} now)"
+                       for k in {**resumed["run"], **record} if resumed["run"].get(k) != record.get(k)]
             if changed:
                 raise ValueError(f"--resume: {out} holds a run with other settings: {'; '.join(changed)}")
         elif (out / METRICS_FILE).is_file():
@@ -261,10 +300,14 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     train, val = datamod.split(data, options.val_split, options.seed)
     if not train:
         raise datamod.DataError(f"{data.root}: no training images left after the validation split")
-    loader = datamod.Batches(data, train, processor, size, options.batch_size, augment=options.augment,
-                             seed=options.seed, workers=options.workers)
-    val_loader = datamod.Batches(data, val, processor, size, options.batch_size, augment=False,
-                                 seed=options.seed, workers=options.workers)
+    # --batch-size is one worker's batch: the global batch of every step is parts * batch_size images,
+    # and this process loads its parts of it
+    mine = (0, 1) if parallel is None else (parallel.first_part, parallel.local_parts)
+    global_batch = options.batch_size * parts
+    loader = datamod.Batches(data, train, processor, size, global_batch, augment=options.augment,
+                             seed=options.seed, workers=options.workers, parts=parts, mine=mine)
+    val_loader = datamod.Batches(data, val, processor, size, global_batch, augment=False,
+                                 seed=options.seed, workers=options.workers, parts=parts, mine=mine)
     steps_per_epoch = len(loader)
     total_steps = options.max_steps or options.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -273,17 +316,19 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         _say(options, note)
     _say(options, f"{len(data.classes)} classes, {len(train)} training / {len(val)} validation images; "
                   f"{epochs} epoch(s) of {steps_per_epoch} step(s), {total_steps} steps, {options.framework} {options.dtype}")
-
-    fw = _framework(options.framework)
+    if parallel is not None:
+        _say(options, f"data parallel: {parts} workers in {parallel.processes} process(es) ({parallel.describe()}), "
+                      f"{options.batch_size} images per worker, global batch {global_batch}")
     if resumed is not None:  # the weights of the last finished epoch
         state = read_state_dict(checkpoint / "model.safetensors")
     # float32 matmuls at full precision in TF and JAX (torch's CPU default already is); not for bfloat16
     precise = options.dtype == "float32" and options.framework != "torch"
     with pinned_precision(options.framework) if precise else _nothing():
-        model = fw.model_for_training(config, state, dtype=options.dtype)
+        model = fw.model_for_training(config, state, dtype=options.dtype, parallel=parallel)
         if options.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        trainer = fw.TrainStep(model, AdamW(lr=options.lr, weight_decay=options.weight_decay), dtype=options.dtype)
+        trainer = fw.TrainStep(model, AdamW(lr=options.lr, weight_decay=options.weight_decay), dtype=options.dtype,
+                               parallel=parallel)
         history: list[dict[str, Any]] = []
         step, start_epoch = 0, 0
         if resumed is not None:
@@ -292,7 +337,7 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
             step, start_epoch, history = int(resumed["step"]), int(resumed["epoch"]), list(resumed["epochs"])
             _say(options, f"resuming after epoch {start_epoch} (step {step} of {total_steps})")
         log_path = pathlib.Path(options.log).expanduser() if options.log else None
-        if log_path is not None:
+        if log_path is not None and main:
             _trim_log(log_path, step)
         started_steps = step
         for epoch in range(start_epoch, epochs):
@@ -302,16 +347,20 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
             batches = min(steps_per_epoch, total_steps - step)
             with _bar(options, batches, f"epoch {epoch + 1}/{epochs}", "step") as bar, \
                     (open(log_path, "a", encoding="utf-8") if log_path else _nothing()) as log:
-                for pixel_values, labels in loader.epoch(epoch, shuffle=options.shuffle):
+                for index, (pixel_values, labels) in enumerate(loader.epoch(epoch, shuffle=options.shuffle)):
                     if step >= total_steps:
                         break
                     step += 1
                     lr = schedule.lr(step)
-                    loss = trainer.step(pixel_values, labels, lr, step_seed(options.seed, step))
+                    if parallel is None:
+                        loss = trainer.step(pixel_values, labels, lr, step_seed(options.seed, step))
+                    else:
+                        loss = trainer.step(pixel_values, labels, lr, step_seed(options.seed, step),
+                                            count=loader.rows(index))
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"step {step}: the loss is {loss} (lower --lr, or check the data)")
                     losses.append(loss)
-                    images += len(labels)
+                    images += loader.rows(index)
                     if log is not None:
                         log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "epoch": epoch + 1}) + "\n")
                         log.flush()
@@ -321,39 +370,56 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
                     if options.stop_after_steps is not None and step - started_steps >= options.stop_after_steps:
                         raise KeyboardInterrupt(f"stopped after {options.stop_after_steps} steps (stop_after_steps)")
             train_seconds = time.perf_counter() - seconds
-            val_loss, val_accuracy = _evaluate(trainer, val_loader)
+            val_loss, val_accuracy = _evaluate(trainer, val_loader, parallel)
             history.append({"epoch": epoch + 1, "steps": step, "train_loss": float(np.mean(losses)),
                             "val_loss": val_loss, "val_accuracy": val_accuracy, "seconds": round(train_seconds, 3),
                             "images_per_s": round(images / max(train_seconds, 1e-9), 3)})
             shown = "" if val_loss is None else f", val loss {val_loss:.4f}, val accuracy {val_accuracy:.4f}"
             _say(options, f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}{shown} "
                           f"({history[-1]['images_per_s']:.1f} img/s)")
-            out.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(out, trainer.weights(), trainer.optimizer_state(), config, processor,
-                             {"run": record, "step": step, "epoch": epoch + 1, "epochs": history,
-                              "total_steps": total_steps, "skipped": len(data.skipped)})
+            weights, optimizer_state = trainer.weights(), trainer.optimizer_state()  # every process (FSDP gathers)
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(out, weights, optimizer_state, config, processor,
+                                 {"run": record, "step": step, "epoch": epoch + 1, "epochs": history,
+                                  "total_steps": total_steps, "skipped": len(data.skipped)})
+            if parallel is not None:  # no process starts the next epoch (or ends) before rank 0 has written
+                parallel.sum([0.0])
     last = history[-1] if history else {}
     metrics = {"val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss"), "epochs": history,
                "steps": step, "classes": data.classes, "train_images": len(train), "val_images": len(val),
                "skipped_images": len(data.skipped), "skipped": [list(s) for s in data.skipped[:100]],
                "framework": options.framework, "run": record}
+    if parallel is not None:
+        metrics["data_parallel"] = {"workers": parts, "processes": parallel.processes, "global_batch_size": global_batch,
+                                    "fsdp": options.fsdp}
+    if not main:
+        return FinetuneResult(out, metrics, step, True)
     _finish(out, checkpoint, metrics)
     _say(options, f"wrote {out} (config.json, model.safetensors, preprocessor_config.json, metrics.json)")
     return FinetuneResult(out, metrics, step, True)
 
 
-def _evaluate(trainer: Any, loader: datamod.Batches) -> tuple[float | None, float | None]:
-    """(mean cross-entropy, accuracy) over the validation examples, in float64 from float32 logits."""
+def _evaluate(trainer: Any, loader: datamod.Batches, parallel: Any = None) -> tuple[float | None, float | None]:
+    """(mean cross-entropy, accuracy) over the validation examples, in float64 from float32 logits;
+    under ``parallel`` each process scores its parts and the sums are added over the processes."""
     if not loader.examples:
         return None, None
     total, correct, count = 0.0, 0, 0
-    for pixel_values, labels in loader.epoch(0, shuffle=False):
-        logits = trainer.logits(pixel_values).astype(np.float64)
+    for index, (pixel_values, labels) in enumerate(loader.epoch(0, shuffle=False)):
+        if parallel is None:
+            logits = trainer.logits(pixel_values).astype(np.float64)
+        else:
+            logits = trainer.logits(pixel_values, count=loader.rows(index)).astype(np.float64)
+        if not len(labels):
+            continue
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         total += float(-log_probs[np.arange(len(labels)), labels].sum())
         correct += int((logits.argmax(axis=1) == labels).sum())
         count += len(labels)
+    if parallel is not None:
+        total, correct, count = (float(v) for v in parallel.sum([total, correct, count]))
     return total / count, correct / count
 
 
@@ -394,6 +460,14 @@ def _say(options: FinetuneOptions, message: str) -> None:
         print(f"vitx finetune: {message}", file=sys.stderr, flush=True)
 
 
+def launch_from_args(args: Any, argv: list[str]) -> int:
+    """``vitx finetune --nproc N``: N local workers of ``args.framework`` (conversion.distributed.launch)."""
+    from .distributed import launch
+
+    options_from_args(args).check()
+    return launch(args.framework, args.nproc, argv)
+
+
 def options_from_args(args: Any) -> FinetuneOptions:
     """FinetuneOptions from the parsed ``vitx finetune`` arguments."""
     names = {f.name for f in dataclasses.fields(FinetuneOptions)}
@@ -401,4 +475,4 @@ def options_from_args(args: Any) -> FinetuneOptions:
     return FinetuneOptions(**values)
 
 
-__all__ = ["FinetuneOptions", "FinetuneResult", "finetune", "options_from_args"]
+__all__ = ["FinetuneOptions", "FinetuneResult", "finetune", "launch_from_args", "options_from_args"]

@@ -22,7 +22,7 @@ import numpy as np
 from .config import ViTConfig
 from .weights import WeightSpec
 
-__all__ = ["AdamW", "Schedule", "decays", "new_head", "step_seed"]
+__all__ = ["AdamW", "Schedule", "decays", "new_head", "nonempty", "part_bounds", "step_seed", "worker_seed"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,34 @@ def step_seed(seed: int, step: int) -> int:
     """The dropout seed of optimizer step ``step``: a function of the run's seed and the step only, so a
     resumed run draws the same dropout masks as one never interrupted."""
     return int(np.random.default_rng([seed, step, 0xD0]).integers(0, 2**31 - 1))
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """The dropout seed of worker ``rank`` at a step whose seed is ``seed`` (:func:`step_seed`):
+    ``seed`` itself on rank 0, so that one process draws what it always drew; other workers draw
+    other masks for their other images."""
+    if rank == 0:
+        return seed
+    return int(np.random.default_rng([seed, rank, 0xD1]).integers(0, 2**31 - 1))
+
+
+def nonempty(pixel_values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixel values, labels, rows): a worker's part of a global batch, with one zero image of label 0
+    in place of an empty part (rows 0: the caller weighs its loss by 0), so that every worker runs
+    the same computation and meets the others in its collectives."""
+    rows = len(labels)
+    if rows:
+        return pixel_values, labels, rows
+    shape = (1, *np.shape(pixel_values)[1:])
+    return np.zeros(shape, np.float32), np.zeros(1, np.int64), 0
+
+
+def part_bounds(rows: int, parts: int) -> np.ndarray:
+    """Offsets (``parts + 1`` of them) splitting a global batch of ``rows`` rows into ``parts``
+    contiguous parts, one per data-parallel worker, that differ by at most one row, the first ones
+    larger (``numpy.array_split``'s rule): equal parts when ``parts`` divides ``rows``."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    base, extra = divmod(rows, parts)
+    sizes = [base + (1 if i < extra else 0) for i in range(parts)]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
