@@ -86,17 +86,27 @@ def pinned_precision(framework: str) -> Iterator[None]:
 
 
 def build_model(framework: str, config: ViTConfig, state: Mapping[str, np.ndarray], task: str,
-                source: str = "checkpoint") -> Any:
+                source: str = "checkpoint", dtype: str = "float32") -> Any:
     """The framework's model class for ``task`` built in memory from a canonical state (strict:
-    every weight of the model from ``state``), in inference mode."""
+    every weight of the model from ``state``), in inference mode. ``dtype`` ("float32", "bfloat16",
+    "float16"): the model's dtype (torch: parameters cast; TF: the layers' dtype; Flax: the compute
+    and parameter dtype)."""
     package = importlib.import_module(_PACKAGES[framework][0])
     cls = getattr(package, _CLASS_NAMES[framework][task])
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if task == "base":
         kwargs = {"add_pooling_layer": "pooler.dense.weight" in state, "use_mask_token": "embeddings.mask_token" in state}
+    if dtype != "float32" and framework == "tf":
+        kwargs["dtype"] = dtype
+    elif dtype != "float32" and framework == "flax":
+        kwargs.update(dtype=dtype, param_dtype=dtype)
     model = cls(config, **kwargs)
     weights = importlib.import_module(f"{_PACKAGES[framework][0]}.weights")
     weights.load_canonical_state(model, state, source=source)
+    if dtype != "float32" and framework == "torch":
+        import torch
+
+        model = model.to(getattr(torch, dtype))
     if hasattr(model, "eval"):
         model.eval()
     return model
