@@ -19,7 +19,10 @@ import numpy as np
 from vit_core import ViTConfig
 
 FRAMEWORKS: tuple[str, ...] = ("torch", "tf", "flax")
-ALL_BACKENDS: tuple[str, ...] = FRAMEWORKS + ("reference",)
+# Exported runtimes a parity report also runs: the torch model exported (conversion/export.py) and
+# run by ONNX Runtime / OpenVINO (or, for an export directory, the model it holds).
+EXPORTED: tuple[str, ...] = ("onnx", "openvino")
+ALL_BACKENDS: tuple[str, ...] = FRAMEWORKS + ("reference",) + EXPORTED
 
 _PACKAGES = {"torch": ("vit_torch", "torch", "vitx[torch]"), "tf": ("vit_tf", "tensorflow", "vitx[tf]"),
              "flax": ("vit_flax", "jax", "vitx[flax]")}
@@ -34,6 +37,14 @@ _CLASS_NAMES = {
 def unavailable(framework: str) -> str | None:
     """Why ``framework`` cannot run here (None when it can)."""
     if framework == "reference":
+        return None
+    if framework in EXPORTED:
+        needed = [("onnxruntime", "vitx[onnx]"), ("onnxscript", "vitx[onnx]"), ("torch", "vitx[torch]")]
+        if framework == "openvino":
+            needed.append(("openvino", "vitx[openvino]"))
+        for dependency, extra in needed:
+            if importlib.util.find_spec(dependency) is None:
+                return f"{dependency} is not installed (pip install {extra})"
         return None
     if framework not in _PACKAGES:
         return f"unknown framework {framework!r}; choose from {', '.join(ALL_BACKENDS)}"
@@ -153,6 +164,14 @@ def run_framework(framework: str, state: Mapping[str, np.ndarray], task: str, pi
         out = forward(dict(state), config, pixel_values, task, add_pooling_layer="pooler.dense.weight" in state)
         elapsed = time.perf_counter() - start
         return Run(_collect(out, hidden_states), 0.0, elapsed)
+    if framework in EXPORTED:
+        from .export import run_exported
+
+        start = time.perf_counter()
+        run = run_exported(framework, state, task, config)
+        loaded = time.perf_counter()
+        outputs = {name: value.astype(np.float64) for name, value in run(pixel_values).items()}
+        return Run(outputs, loaded - start, time.perf_counter() - loaded)
     with pinned_precision(framework):
         start = time.perf_counter()
         model = build_model(framework, config, state, task)
