@@ -2,10 +2,11 @@
 
 The models each entry runs are built once per fixture directory under ``<fixture>/engines/`` and
 reused by later cells (each cell is a fresh process): ``vitx.onnx`` (vitx's own export,
-``conversion.export.export_onnx`` from vit_torch, opset 17), ``vitx.optimized.onnx`` (ONNX
+``conversion.export.export_onnx`` from vit_torch at its default opset: 23, attention as one ONNX
+Attention node), ``vitx.optimized.onnx`` (ONNX
 Runtime's transformer optimizer, model_type "vit"), ``hf4.onnx`` (transformers 4.57's
-ViTForImageClassification through the same ``torch.onnx.export(dynamo=True)``, opset 17: the
-baseline for vitx's export), and the int8 models of :mod:`conversion.quantize` (static ones
+ViTForImageClassification through ``torch.onnx.export(dynamo=True)`` at opset 17: the baseline
+for vitx's export), and the int8 models of :mod:`conversion.quantize` (static ones
 calibrated on images 16-31 of the fixture's 32 inputs; image 0 is the one checked).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-OPSET = 17
+HF4_OPSET = 17  # the transformers-export baseline
 CALIBRATION = slice(16, 32)  # fixture images used to calibrate the static int8 models
 
 
@@ -48,7 +49,7 @@ def vitx_onnx(directory: pathlib.Path) -> pathlib.Path:
         from conversion.export import export_onnx
         from vit_torch import ViTForImageClassification
 
-        export_onnx(ViTForImageClassification.from_pretrained(directory).eval(), temp, framework="torch", opset=OPSET)
+        export_onnx(ViTForImageClassification.from_pretrained(directory).eval(), temp, framework="torch")
 
     return _cached(directory / "engines" / "vitx.onnx", write)
 
@@ -70,7 +71,7 @@ def hf4_onnx(directory: pathlib.Path) -> pathlib.Path:
 
         size = model.config.image_size
         with torch.no_grad():
-            program = torch.onnx.export(Logits(), (torch.zeros(2, 3, size, size),), dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(Logits(), (torch.zeros(2, 3, size, size),), dynamo=True, opset_version=HF4_OPSET,
                                         input_names=["pixel_values"], output_names=["logits"],
                                         dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                                         verbose=False)

@@ -233,7 +233,7 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     Entry("vitx-torch-int8-static", "torch", "main", True, engines.vitx_int8("int8-static"),
           "vit_torch.quantization.quantize_static (oneDNN int8 GEMMs, calibrated)"),
     # inference engines on vitx's ONNX export (benchmarks/engines.py)
-    Entry("ort-fp32", "engine", "main", False, engines.ort("fp32"), "ONNX Runtime, vitx's ONNX export (opset 17)"),
+    Entry("ort-fp32", "engine", "main", False, engines.ort("fp32"), "ONNX Runtime, vitx's ONNX export (vitx export's default, opset 23)"),
     Entry("ort-fp32-optimized", "engine", "main", False, engines.ort("optimized"),
           "ONNX Runtime, vitx's export through onnxruntime.transformers optimizer (model_type vit)"),
     Entry("ort-int8-dynamic", "engine", "main", False, engines.ort("int8-dynamic"), "ONNX Runtime quantize_dynamic"),

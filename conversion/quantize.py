@@ -23,6 +23,7 @@ int8-static     ranges from the calibration images (FakeQuantize in the IR)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import shutil
@@ -158,12 +159,36 @@ def _quantize_onnxruntime(source: pathlib.Path, out: pathlib.Path, mode: str, sk
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
     common = dict(op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=selected, per_channel=True,
                   weight_type=QuantType.QInt8)
-    if mode == "int8-dynamic":
-        quantize_dynamic(str(source), str(out), **common)
-        return
-    reader = _batches(inputs[0], pixels)
-    quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax, **common)
+    with _without_preprocessing_advice():
+        if mode == "int8-dynamic":
+            quantize_dynamic(str(source), str(out), **common)
+            return
+        reader = _batches(inputs[0], pixels)
+        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax, **common)
+
+
+class _DropPreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in str(record.getMessage())
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """ONNX Runtime's quantizers log (on the root logger) advice to run its ``quant_pre_process``
+    first. vitx does not: the exported graphs are already shape-inferred and optimized by the
+    exporter, and quant_pre_process fails on them (its symbolic shape inference mistakes the
+    standard ONNX Attention op for com.microsoft's; it cannot follow external data)."""
+    root = logging.getLogger()
+    advice = _DropPreprocessingAdvice()
+    handlers = [root, *root.handlers]
+    for handler in handlers:
+        handler.addFilter(advice)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(advice)
 
 
 # ------------------------------------------------------------------------------ OpenVINO

@@ -52,23 +52,13 @@ def float_model(trained: dict[str, pathlib.Path]):
 
 @pytest.fixture(scope="module")
 def onnx_model(trained: dict[str, pathlib.Path], float_model) -> pathlib.Path:
-    """float32 ONNX of the fine-tuned model (torch.onnx, dynamic batch), preprocessor beside it."""
+    """float32 ONNX of the fine-tuned model (vitx's exporter, its default opset), preprocessor beside it."""
     pytest.importorskip("onnxscript")
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values).logits
+    from conversion.export import export_onnx
 
     out = trained["root"] / "onnx"
     out.mkdir()
-    path = out / "model.onnx"
-    torch.onnx.export(Logits(float_model), (torch.zeros(2, 3, 32, 32),), str(path), input_names=["pixel_values"],
-                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=True, verbose=False)
+    path = export_onnx(float_model, out / "model.onnx", framework="torch")
     (out / "preprocessor_config.json").write_text((trained["checkpoint"] / "preprocessor_config.json").read_text())
     return path
 
@@ -172,14 +162,18 @@ def test_engine_quantizes_the_linear_layers_only(onnx_model: pathlib.Path, tmp_p
     pytest.importorskip("onnxruntime")
     from conversion.quantize import onnx_linear_nodes, quantize_exported
 
-    roles = [role for _, role in onnx_linear_nodes(onnx.load(str(onnx_model)))]
+    source = onnx.load(str(onnx_model))
+    roles = [role for _, role in onnx_linear_nodes(source)]
     assert roles == layer_roles(13) == ["qkv"] * 3 + ["attention_output", "fc1", "fc2"] + \
         ["qkv"] * 3 + ["attention_output", "fc1", "fc2", "classifier"]
+    before = [n.op_type for n in source.graph.node]
     out = quantize_exported(onnx_model, tmp_path / "q.onnx", mode="int8-dynamic")
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("MatMulInteger") == 12  # 6 per layer
-    # float: the patch embedding, q·kᵀ and probs·v of each layer, the classifier (its Gemm as MatMul + Add)
-    assert ops.count("Conv") == 1 and ops.count("MatMul") == 5 and ops.count("LayerNormalization") == 5
+    # float: the patch embedding, LayerNorm, the attention's own matmuls, the classifier (its Gemm
+    # becomes MatMul + Add)
+    assert ops.count("Conv") == 1 and ops.count("LayerNormalization") == before.count("LayerNormalization") == 5
+    assert ops.count("MatMul") + ops.count("Gemm") == before.count("MatMul") + before.count("Gemm") - 12
 
 
 def test_engine_errors(onnx_model: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -211,3 +205,11 @@ def test_skip_roles_and_layer_roles() -> None:
     for count in (5, 9):  # not 6 per layer plus at most two heads
         with pytest.raises(ValueError, match=f"{count} matrix multiplications"):
             layer_roles(count)
+
+
+def test_cli_refuses_a_missing_calibration_directory(trained, tmp_path: pathlib.Path, capsys) -> None:
+    code = main(["export", str(trained["checkpoint"]), str(tmp_path / "out"), "--format", "onnx",
+                 "--quantize", "int8-static", "--calibration", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vitx: error:") and "missing" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
