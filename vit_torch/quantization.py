@@ -110,19 +110,24 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, post_op: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(..., in_features) float32 -> (..., out_features) float32; ``post_op`` an activation name
         applied inside the GEMM (where :meth:`fuses` says so), ``residual`` added to the result."""
-        qx, scale, zero_point = self._quantize_input(x.contiguous())
+        # oneDNN's int8 GEMM on the 2-D (rows, in_features) view of the activation
+        shape = (*x.shape[:-1], self.out_features)
+        qx, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).contiguous())
         if residual is not None:
-            return torch.ops.onednn.qlinear_pointwise.binary(
+            out = torch.ops.onednn.qlinear_pointwise.binary(
                 qx, scale, zero_point, self.packed_weight(), self.weight_scale, self._zero_points,
-                residual.contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
+                residual.reshape(-1, self.out_features).contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0,
+                "add", 1.0, "none", [], "")
+            return out.reshape(shape)
         attr, algorithm = ("none", "")
         if post_op is not None:
             if not self.fuses(x, post_op):
                 raise ValueError(f"activation {post_op!r} cannot be fused here; check QuantizedLinear.fuses first")
             attr, algorithm = _ONEDNN_POST_OPS[post_op]
-        return torch.ops.onednn.qlinear_pointwise(
+        out = torch.ops.onednn.qlinear_pointwise(
             qx, scale, zero_point, self.packed_weight(), self.weight_scale, self._zero_points, self.bias,
             1.0, 0, torch.float32, attr, [], algorithm)
+        return out.reshape(shape)
 
 
 def _targets(model: nn.Module, skip: Iterable[str] | str | None) -> dict[str, nn.Linear]:
