@@ -182,8 +182,8 @@ def test_export_onnx_float16_checked_and_bfloat16_refused(checkpoints: dict[str,
     from conversion.export import export
 
     result = export(checkpoints["base"], tmp_path / "fp16", format="onnx", dtype="float16", progress=False)
-    assert result.bound == 1e-2
-    assert 0 < max(result.parity.values()) <= 1e-2  # against torch's own float16 forward
+    assert result.bound == 1e-1
+    assert 0 < max(result.parity.values()) <= 1e-2  # against torch's own float16 forward (measured 1.7e-3)
     assert set(result.parity) == {"batch 1", "batch 5"}
     import onnxruntime as ort
 
@@ -286,6 +286,24 @@ print(sorted(out), float(np.max(np.abs(out["logits"].numpy().astype(np.float64) 
     assert done.returncode == 0, done.stderr
     names, diff = done.stdout.strip().rsplit(" ", 1)
     assert names == "['logits']" and float(diff) <= BOUND
+
+
+@needs_tf
+def test_export_saved_model_bfloat16_replaces_an_export_with_force(checkpoints: dict[str, pathlib.Path],
+                                                                    tmp_path: pathlib.Path) -> None:
+    from conversion.export import export, saved_model_runner
+
+    out = tmp_path / "sm"
+    out.mkdir()
+    (out / "saved_model").mkdir()  # an earlier export
+    (out / "config.json").write_text("{}")
+    result = export(checkpoints["classification"], out, format="saved_model", dtype="bfloat16", force=True,
+                    progress=False)
+    assert result.bound == 1e-1 and set(result.parity) == {"batch 1", "batch 5"}
+    assert 0 < max(result.parity.values()) <= 1e-1
+    logits = saved_model_runner(result.path)(np.zeros((2, 3, 32, 32), np.float32))["logits"]
+    assert logits.shape == (2, 5) and logits.dtype == np.float32
+    assert json.loads((out / "export.json").read_text())["dtype"] == "bfloat16"
 
 
 # ------------------------------------------------------------------------------- Flax: ONNX, jax
