@@ -333,11 +333,15 @@ def test_export_flax_jax(checkpoints: dict[str, pathlib.Path], tmp_path: pathlib
 def test_export_openvino_and_parity_of_onnx_and_openvino(checkpoints: dict[str, pathlib.Path], tmp_path: pathlib.Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ov"
-    assert _run_cli("--quiet", "export", str(checkpoints["classification"]), str(out), "--format", "openvino",
-                    "--json") == 0
-    result = json.loads(capsys.readouterr().out)
+    assert _run_cli("export", str(checkpoints["classification"]), str(out), "--format", "openvino") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"openvino <- torch (float32, opset 23): wrote {out / 'model.xml'}", printed
+    assert printed[1].startswith("  max |diff| vs torch: batch 1 ") and printed[1].endswith("(bound 1e-04)")
+    result = json.loads((out / "export.json").read_text())
     assert {"model.xml", "model.bin", "config.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     assert max(result["parity"].values()) <= BOUND and set(result["parity"]) == {"batch 1", "batch 5"}
+    assert f"batch 5 {result['parity']['batch 5']:.2e}" in printed[1]
+    assert result["source"] == str(checkpoints["classification"].resolve())
     # vitx parity: the export directory's own model against its source checkpoint, and a fresh ONNX export
     assert _run_cli("--quiet", "parity", str(out), "--frameworks", "torch,openvino,onnx", "--json") == 0
     report = json.loads(capsys.readouterr().out)
