@@ -19,10 +19,10 @@ TOLERANCES: dict[str, float] = {
     "fast_image_processor_max": 0.1,
     "fast_image_processor_mean": 5e-3,
     # an exported model (ONNX Runtime, OpenVINO, SavedModel, jax.export) against its source framework:
-    # float32, and bfloat16 / float16 against the source in the same dtype (two kernels of one
-    # reduced-precision forward, as fused_vs_eager_bfloat16)
+    # float32, and bfloat16 / float16 against the source in the same dtype (the graph runtime fuses and
+    # orders the reduced-precision ops its own way: the bound of reduced-precision logits)
     "export_float32": 1e-4,
-    "export_reduced_precision": 1e-2,
+    "export_reduced_precision": 1e-1,
     # bfloat16 logits against float32 on real photos (same top-1 class too)
     "bfloat16_vs_float32_logits": 1e-1,
 }

@@ -6,6 +6,8 @@
 The recipe underneath is plain jax.export: close over the model's state, ``jax.jit`` the forward,
 export it for ``ShapeDtypeStruct((b, C, H, W))`` with ``b = jax.export.symbolic_shape("b")``, and
 ``serialize()``. The blob runs wherever a compatible jaxlib runs, without vitx or flax.
+:func:`export_forward` does the same for any vit_flax model and a chosen set of outputs, returned
+as a dict (``vitx export --format jax`` writes it as ``model.jax``).
 """
 
 from __future__ import annotations

@@ -86,7 +86,10 @@ class ViTEmbeddings(nn.Module):
         ``embeddings`` is accepted for transformers' signature; only its dtype matters.
         """
         out_hw = (height // self.patch_hw[0], width // self.patch_hw[1])
-        if out_hw == self.grid_hw:
+        # a symbolic size (torch.export of a dynamic-size model) always resamples: at the same size
+        # the bicubic matrices are exactly the identity, so the values are the table's own
+        symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+        if not symbolic and out_hw == self.grid_hw:
             return self.position_embeddings
         class_pos_embed = self.position_embeddings[:, :1]  # (1, 1, hidden)
         patch_pos_embed = resample_position_grid(self.position_embeddings[:, 1:], self.grid_hw, out_hw)
