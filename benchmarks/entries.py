@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import engines
 from .common import TIMM_NAMES, timm_kwargs
 
 Call = Callable[[], np.ndarray]
@@ -25,7 +26,7 @@ class Entry:
     """A benchmark entry: its framework, which venv runs it, and whether it is vitx or a peer."""
 
     name: str
-    framework: str   # torch | tf | flax
+    framework: str   # torch | tf | flax | engine (ONNX Runtime, OpenVINO)
     venv: str        # main | peers
     vitx: bool
     builder: Builder
@@ -226,4 +227,22 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     Entry("hf4-tf-function", "tf", "main", False, _hf4_tf("function"), "transformers 4.57 TF, tf.function"),
     Entry("hf4-tf-xla", "tf", "main", False, _hf4_tf("xla"), "transformers 4.57 TF, tf.function(jit_compile=True)"),
     Entry("hf4-flax-jit", "flax", "main", False, _hf4_flax, "transformers 4.57 FlaxViTForImageClassification, jax.jit"),
+    # int8 (dtype "int8"): vit_torch's native int8 and the engines' (issue #13, docs/int8.md)
+    Entry("vitx-torch-int8-dynamic", "torch", "main", True, engines.vitx_int8("int8-dynamic"),
+          "vit_torch.quantization.quantize_dynamic (oneDNN int8 GEMMs)"),
+    Entry("vitx-torch-int8-static", "torch", "main", True, engines.vitx_int8("int8-static"),
+          "vit_torch.quantization.quantize_static (oneDNN int8 GEMMs, calibrated)"),
+    # inference engines on vitx's ONNX export (benchmarks/engines.py)
+    Entry("ort-fp32", "engine", "main", False, engines.ort("fp32"), "ONNX Runtime, vitx's ONNX export (vitx export's default, opset 23)"),
+    Entry("ort-fp32-optimized", "engine", "main", False, engines.ort("optimized"),
+          "ONNX Runtime, vitx's export through onnxruntime.transformers optimizer (model_type vit)"),
+    Entry("ort-int8-dynamic", "engine", "main", False, engines.ort("int8-dynamic"), "ONNX Runtime quantize_dynamic"),
+    Entry("ort-int8-static", "engine", "main", False, engines.ort("int8-static"), "ONNX Runtime quantize_static (QDQ)"),
+    Entry("ov-fp32", "engine", "main", False, engines.openvino("fp32"), "OpenVINO CPU, INFERENCE_PRECISION_HINT f32"),
+    Entry("ov-bf16", "engine", "main", False, engines.openvino("bf16"), "OpenVINO CPU, INFERENCE_PRECISION_HINT bf16"),
+    Entry("ov-int8-static", "engine", "main", False, engines.openvino("int8-static"), "OpenVINO, NNCF quantize"),
+    Entry("ov-int8-dynamic", "engine", "main", False, engines.openvino("int8-dynamic"),
+          "OpenVINO, NNCF int8 weight compression + CPU dynamic quantization"),
+    Entry("hf4-onnx-ort", "engine", "main", False, engines.ort("hf4"),
+          "ONNX Runtime, transformers 4.57 ViT exported by torch.onnx (opset 17): the export baseline"),
 ]}

@@ -13,7 +13,15 @@ MFU_TARGET = {"float32": 0.85, "bfloat16": 0.75}  # ViT-B/16 batch 32
 MFU_CELL = ("B/16", 32)
 FP32_LOGITS_BOUND = 1e-4                # docs/NUMERICS.md, ViT-B/16-size logits vs the float64 reference
 BF16_LOGITS_BOUND = 1e-1                # issue #6: bfloat16 logits vs float32 / reference
-GEMM_FOR = {"torch": "torch", "tf": "tf", "flax": "xla"}
+# int8 rows: logit cosine to the float64 reference. The fixtures' weights are seeded, not trained
+# (near-tied logits, no top-1 margin): measured 0.9990-0.9997 for every int8 row on ViT-S/16; a
+# mis-loaded model scores ~0. The trained-model bound (docs/NUMERICS.md: cosine >= 0.999, top-1
+# agreement >= 99%) is tests/test_quantize.py's.
+INT8_COSINE_BOUND = 0.99
+GEMM_FOR = {"torch": "torch", "tf": "tf", "flax": "xla", "engine": "torch"}
+ENGINE_RATIO_TARGET = 1.2               # vitx's best path / the fastest engine at the same precision
+# vitx's own ONNX export under ONNX Runtime against transformers' ViT exported the same way
+EXPORT_BASELINE = ("ort-fp32", "hf4-onnx-ort")
 
 
 def gemm_ceilings(gemm: dict[str, Any]) -> dict[str, Any]:
@@ -89,11 +97,19 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
                               detail=f"{best['images_per_s']:.2f} img/s vs {best['fastest_peer']} "
                                      f"{best['fastest_peer_images_per_s']:.2f}"
                                      + ("" if bound is None else f"; GEMM bound {bound:.2f}x")))
-        if (model, batch) == MFU_CELL and best.get("mfu") is not None and best["mfu"] < MFU_TARGET[dtype]:
+        if (model, batch) == MFU_CELL and best.get("mfu") is not None and best["mfu"] < MFU_TARGET.get(dtype, 0.0):
             below.append(dict(where, target=f"MFU >= {MFU_TARGET[dtype]:.0%}", value=round(best["mfu"], 3),
                               detail=f"{best['gflops']:.0f} GFLOP/s"))
+    below += _engine_targets(ok)
     for cell in ok:
-        if not cell["vitx"]:
+        if not cell["vitx"] and cell["framework"] != "engine":
+            continue
+        if cell["dtype"] == "int8":
+            if cell.get("logits_cosine", 0.0) < INT8_COSINE_BOUND:
+                below.append(dict(framework=cell["framework"], model=cell["model"], dtype=cell["dtype"],
+                                  batch=cell["batch"], entry=cell["entry"],
+                                  target=f"logit cosine to the reference >= {INT8_COSINE_BOUND}",
+                                  value=cell.get("logits_cosine"), detail=f"max |diff| {cell['logits_max_abs_diff']:.3g}"))
             continue
         bound = FP32_LOGITS_BOUND if cell["dtype"] == "float32" else BF16_LOGITS_BOUND
         if cell["logits_max_abs_diff"] > bound or not cell["top1_matches_reference"]:
@@ -103,6 +119,33 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
     errors = [dict(entry=c.get("entry"), model=c.get("model"), dtype=c.get("dtype"), batch=c.get("batch"),
                    error=c["error"][:300]) for c in report.get("speed", []) + report.get("cold", []) if "error" in c]
     return {"ceilings": ceilings, "below_target": below, "errors": errors}
+
+
+def _engine_targets(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #13 targets: at each precision (model, dtype, batch) vitx's best path of any framework
+    >= ENGINE_RATIO_TARGET x the fastest inference engine (ONNX Runtime, OpenVINO), and vitx's ONNX
+    export under ONNX Runtime >= transformers' ViT exported the same way (ratio >= 1)."""
+    below: list[dict[str, Any]] = []
+    for model, dtype, batch in sorted({(c["model"], c["dtype"], c["batch"]) for c in ok if c["framework"] == "engine"}):
+        cells = [c for c in ok if (c["model"], c["dtype"], c["batch"]) == (model, dtype, batch)]
+        engines = [c for c in cells if c["framework"] == "engine" and not c["vitx"]]
+        vitx = [c for c in cells if c["vitx"]]
+        where = dict(framework="engine", model=model, dtype=dtype, batch=batch)
+        if engines and vitx:
+            best, fastest = max(vitx, key=lambda c: c["images_per_s"]), max(engines, key=lambda c: c["images_per_s"])
+            ratio = best["images_per_s"] / fastest["images_per_s"]
+            for cell in engines:
+                cell["ratio_best_vitx_to_engine"] = best["images_per_s"] / cell["images_per_s"]
+            if ratio < ENGINE_RATIO_TARGET:
+                below.append(dict(where, entry=best["entry"], target=f"ratio to the fastest engine >= {ENGINE_RATIO_TARGET}",
+                                  value=round(ratio, 3), detail=f"{best['images_per_s']:.2f} img/s vs {fastest['entry']} "
+                                                                f"{fastest['images_per_s']:.2f}"))
+        ours, theirs = ([c for c in cells if c["entry"] == name] for name in EXPORT_BASELINE)
+        if ours and theirs and ours[0]["images_per_s"] < theirs[0]["images_per_s"]:
+            below.append(dict(where, entry=EXPORT_BASELINE[0], target=f"ONNX Runtime speed >= {EXPORT_BASELINE[1]}",
+                              value=round(ours[0]["images_per_s"] / theirs[0]["images_per_s"], 3),
+                              detail=f"{ours[0]['images_per_s']:.2f} vs {theirs[0]['images_per_s']:.2f} img/s"))
+    return below
 
 
 # -------------------------------------------------------------------------------------- markdown

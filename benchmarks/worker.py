@@ -36,7 +36,8 @@ from .common import (  # noqa: E402
     versions,
 )
 
-FRAMEWORK_MODULES = ["torch", "tensorflow", "keras", "tf_keras", "jax", "jaxlib", "flax", "transformers", "timm", "numpy"]
+FRAMEWORK_MODULES = ["torch", "tensorflow", "keras", "tf_keras", "jax", "jaxlib", "flax", "transformers", "timm", "numpy",
+                     "onnxruntime", "openvino", "nncf"]
 
 
 def logits_check(logits: np.ndarray, model: str) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def logits_check(logits: np.ndarray, model: str) -> dict[str, Any]:
     reference = np.load(fixture_dir(model) / "reference_logits.npy")
     got = np.asarray(logits[0], dtype=np.float64)
     return {"logits_max_abs_diff": float(np.max(np.abs(got - reference))),
+            "logits_cosine": float(got @ reference / (np.linalg.norm(got) * np.linalg.norm(reference))),
             "top1_matches_reference": bool(int(np.argmax(got)) == int(np.argmax(reference)))}
 
 

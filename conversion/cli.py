@@ -1,6 +1,7 @@
-"""The ``vitx`` command line: convert, parity, classify, predict, finetune, attention, info (docs/cli.md).
+"""The ``vitx`` command line: convert, parity, classify, predict, finetune, attention, export, info (docs/cli.md).
 
-Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance; 2 bad input (unknown or
+Exit codes: 0 success; 1 ``parity`` found a pair over the tolerance, or an ``export`` failed its
+validation (nothing written); 2 bad input (unknown or
 corrupt checkpoint, refused variant, destination exists, missing file, bad option), reported as
 one ``vitx: error: ...`` line without a traceback.
 """
@@ -190,6 +191,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timm-model", help="timm model name for a timm state dict")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    from .export import DTYPES, EXPORT_FRAMEWORKS, FORMATS, QUANTIZE_METHODS
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX, a SavedModel, jax.export or OpenVINO IR, validated",
+        description="Export CHECKPOINT to OUT_DIR as a deployable model with its config.json and "
+                    "preprocessor_config.json: --format onnx (model.onnx and the fused model.optimized.onnx), "
+                    "saved_model (saved_model/ with a serving_default signature), jax (model.jax, a serialised "
+                    "jax.export) or openvino (model.xml + model.bin). Input pixel_values (batch, channels, height, "
+                    "width) float32 with a dynamic batch. The export is run by its runtime on the bundled photos at "
+                    "batch 1 and 5 and compared with the source framework: max |diff| is printed; over the bound "
+                    "(1e-4 in float32, docs/NUMERICS.md) nothing is written and the exit code is 1. See docs/deploy.md.")
+    p.add_argument("checkpoint", help="checkpoint directory, weights file or hub id (any format vitx reads)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist unless --force)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--framework", choices=EXPORT_FRAMEWORKS,
+                   help="source framework (default: torch; tf for saved_model, flax for jax)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 17 to 23 (default: 23 from torch and flax, 18 from tf)")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="dynamic height and width too, the position table resampled in the graph (--framework torch)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="model dtype (input and outputs stay float32); refused where the runtime cannot run it")
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, help="also write an int8 model (onnx / openvino)")
+    p.add_argument("--calibration", metavar="IMAGE_DIR", help="images that calibrate --quantize int8-static")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR that holds only export files")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--timm-model", help="timm model name for a timm state dict")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     p = sub.add_parser("info", help="format, config, parameter count, labels of a checkpoint",
                        description="Detect a checkpoint's format from its contents (docs/FORMATS.md) and print its "
                                    "config, parameter count, dtypes and labels, without building a model.")
@@ -328,6 +357,36 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportParityError, export
+
+    try:
+        result = export(args.checkpoint, args.out_dir, format=args.format, framework=args.framework,
+                        opset=args.opset, dynamic_size=args.dynamic_size, dtype=args.dtype, quantize=args.quantize,
+                        calibration=args.calibration, timm_model_name=args.timm_model, force=args.force,
+                        progress=not args.quiet)
+    except ExportParityError as e:
+        print(f"vitx: export failed validation: {e}", file=sys.stderr)
+        return EXIT_PARITY_FAILED
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return EXIT_OK
+    if args.quiet:
+        return EXIT_OK
+    opset = f", opset {result.opset}" if result.opset is not None else ""
+    print(f"{result.format} <- {result.framework} ({result.dtype}{opset}): wrote {result.path}")
+    checks = ", ".join(f"{name} {diff:.2e}" for name, diff in result.parity.items())
+    print(f"  max |diff| vs {result.framework}: {checks} (bound {result.bound:.0e})")
+    if result.optimized_path is not None:
+        checks = ", ".join(f"{name} {diff:.2e}" for name, diff in result.optimized_parity.items())
+        print(f"  {result.optimized_path.name}: {checks}")
+    if result.fused:
+        print("  fused nodes: " + ", ".join(f"{op} {n}" for op, n in result.fused.items() if n))
+    if result.quantized_path is not None:
+        print(f"  int8: {result.quantized_path}")
+    return EXIT_OK
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .detect import open_checkpoint
     from .formats.base import PROVENANCE_KEY, architecture_of
@@ -379,8 +438,7 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 COMMANDS = {"convert": _cmd_convert, "parity": _cmd_parity, "classify": _cmd_classify, "predict": _cmd_predict,
-            "finetune": _cmd_finetune,
-            "attention": _cmd_attention, "info": _cmd_info}
+            "finetune": _cmd_finetune, "attention": _cmd_attention, "export": _cmd_export, "info": _cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ from vit_core.weights import weight_table
 
 from .detect import open_checkpoint
 from .formats.base import architecture_of, task_of
-from .frameworks import ALL_BACKENDS, FRAMEWORKS, run_framework, unavailable
+from .export import export_source, is_export_dir, load_runner
+from .frameworks import ALL_BACKENDS, FRAMEWORKS, Run, run_framework, unavailable
 from vit_core.checkpoint.lazy import materialize
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parent / "samples"
@@ -215,7 +217,8 @@ def compare(
     perturb: Mapping[str, Any] | None = None,
 ) -> ParityReport:
     """Load ``checkpoint`` (any supported source; None: the built-in ViT-B/16) in each of
-    ``frameworks`` ("torch", "tf", "flax", and "reference" for vit_core's float64 numpy forward),
+    ``frameworks`` ("torch", "tf", "flax", "reference" for vit_core's float64 numpy forward, and "onnx"
+/ "openvino": the torch model exported and run by ONNX Runtime / OpenVINO),
     run identical pixel_values, and report max |diff| per output per framework pair.
 
     ``images``: paths, PIL images or arrays (default: the bundled sample photos; random seeded
@@ -224,7 +227,9 @@ def compare(
     vit_core.tolerances: 1e-4 for models of ViT-S width and up on real photos, else 1e-5).
     ``perturb``: ``{framework: "canonical.key=delta"}`` adds ``delta`` (default 1e-2) to the first
     element of one weight in that framework's copy, to show the report catches a corrupted weight.
-    Frameworks that are not installed are listed in ``report.skipped``.
+    Frameworks that are not installed are listed in ``report.skipped``. ``checkpoint`` may be a
+    ``vitx export`` directory: its runtime ("onnx" / "openvino") runs the model it holds, the other
+    frameworks load the checkpoint it was exported from (recorded in its export.json).
     """
     unknown = [f for f in frameworks if f not in ALL_BACKENDS]
     if unknown:
@@ -234,7 +239,23 @@ def compare(
     if bad:
         raise ValueError(f"perturb names framework(s) {bad} that are not compared")
     notes: list[str] = []
-    if checkpoint is None:
+    exported: dict[str, Any] = {}  # runtime -> runner of an export directory's own model
+    if checkpoint is not None and is_export_dir(checkpoint):
+        directory = pathlib.Path(checkpoint)
+        config = ViTConfig.from_json_file(directory / "config.json")
+        runtime, runner = load_runner(directory)
+        exported[runtime] = runner
+        source = export_source(directory)
+        name, source_format = str(checkpoint), f"{runtime} export"
+        if source is None:
+            state = None
+            notes.append(f"{directory}: the export's source checkpoint is not available; only {runtime} runs")
+        else:
+            loaded = open_checkpoint(source, timm_model_name=timm_model_name)
+            state = materialize(loaded.state)
+            notes.append(f"{runtime} runs {directory}'s own model; the other frameworks load its source {source}")
+        task = task_of(state) if state is not None else _task_of_config(config)
+    elif checkpoint is None:
         state, config = builtin_state()
         name, source_format, directory = BUILTIN_NAME, "built-in", None
     else:
@@ -243,7 +264,8 @@ def compare(
         name, source_format = str(checkpoint), loaded.format
         path = pathlib.Path(checkpoint)
         directory = path if path.is_dir() else path.parent if path.exists() else None
-    task = task_of(state)
+    if not exported:
+        task = task_of(state)
 
     image_list = list(images) if images is not None else None
     if image_list is not None and not image_list:
@@ -266,14 +288,23 @@ def compare(
                           [], {}, bound, tolerance, notes=notes)
     runs = {}
     for fw in frameworks:
-        why = unavailable(fw)
+        why = unavailable(fw) if fw not in exported else None
+        if why is None and fw not in exported and state is None:
+            why = "the export directory's source checkpoint is not available"
         if why is not None:
             report.skipped[fw] = why
+            continue
+        if fw in exported:
+            start = time.perf_counter()
+            outputs = {k: v.astype(np.float64) for k, v in exported[fw](pixel_values).items()}
+            runs[fw] = Run(outputs, 0.0, time.perf_counter() - start)
+            report.frameworks.append(fw)
+            report.seconds[fw] = {"load": 0.0, "forward": round(runs[fw].forward_seconds, 3)}
             continue
         fw_state = state
         if fw in perturbations:
             key, delta = perturbations[fw]
-            if key not in state:
+            if state is None or key not in state:
                 raise ValueError(f"perturb: {key!r} is not a weight of this checkpoint")
             fw_state = dict(state)
             # one element: a uniform shift of a bias feeding a LayerNorm would cancel exactly
@@ -290,6 +321,15 @@ def compare(
             top = np.argmax(run.outputs["logits"], axis=-1)
             report.top1[fw] = [config.id2label.get(int(i), str(int(i))) for i in top]
     return report
+
+
+def _task_of_config(config: ViTConfig) -> str:
+    architectures = config.architectures or []
+    if any("ImageClassification" in a for a in architectures):
+        return "classification"
+    if any("MaskedImageModeling" in a for a in architectures):
+        return "mim"
+    return "base"
 
 
 def _fill_results(report: ParityReport, runs: dict[str, Any], bound: float, layers: bool) -> None:

@@ -19,7 +19,10 @@ import numpy as np
 from vit_core import ViTConfig
 
 FRAMEWORKS: tuple[str, ...] = ("torch", "tf", "flax")
-ALL_BACKENDS: tuple[str, ...] = FRAMEWORKS + ("reference",)
+# Exported runtimes a parity report also runs: the torch model exported (conversion/export.py) and
+# run by ONNX Runtime / OpenVINO (or, for an export directory, the model it holds).
+EXPORTED: tuple[str, ...] = ("onnx", "openvino")
+ALL_BACKENDS: tuple[str, ...] = FRAMEWORKS + ("reference",) + EXPORTED
 
 _PACKAGES = {"torch": ("vit_torch", "torch", "vitx[torch]"), "tf": ("vit_tf", "tensorflow", "vitx[tf]"),
              "flax": ("vit_flax", "jax", "vitx[flax]")}
@@ -34,6 +37,14 @@ _CLASS_NAMES = {
 def unavailable(framework: str) -> str | None:
     """Why ``framework`` cannot run here (None when it can)."""
     if framework == "reference":
+        return None
+    if framework in EXPORTED:
+        needed = [("onnxruntime", "vitx[onnx]"), ("onnxscript", "vitx[onnx]"), ("torch", "vitx[torch]")]
+        if framework == "openvino":
+            needed.append(("openvino", "vitx[openvino]"))
+        for dependency, extra in needed:
+            if importlib.util.find_spec(dependency) is None:
+                return f"{dependency} is not installed (pip install {extra})"
         return None
     if framework not in _PACKAGES:
         return f"unknown framework {framework!r}; choose from {', '.join(ALL_BACKENDS)}"
@@ -86,17 +97,27 @@ def pinned_precision(framework: str) -> Iterator[None]:
 
 
 def build_model(framework: str, config: ViTConfig, state: Mapping[str, np.ndarray], task: str,
-                source: str = "checkpoint") -> Any:
+                source: str = "checkpoint", dtype: str = "float32") -> Any:
     """The framework's model class for ``task`` built in memory from a canonical state (strict:
-    every weight of the model from ``state``), in inference mode."""
+    every weight of the model from ``state``), in inference mode. ``dtype`` ("float32", "bfloat16",
+    "float16"): the model's dtype (torch: parameters cast; TF: the layers' dtype; Flax: the compute
+    and parameter dtype)."""
     package = importlib.import_module(_PACKAGES[framework][0])
     cls = getattr(package, _CLASS_NAMES[framework][task])
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if task == "base":
         kwargs = {"add_pooling_layer": "pooler.dense.weight" in state, "use_mask_token": "embeddings.mask_token" in state}
+    if dtype != "float32" and framework == "tf":
+        kwargs["dtype"] = dtype
+    elif dtype != "float32" and framework == "flax":
+        kwargs.update(dtype=dtype, param_dtype=dtype)
     model = cls(config, **kwargs)
     weights = importlib.import_module(f"{_PACKAGES[framework][0]}.weights")
     weights.load_canonical_state(model, state, source=source)
+    if dtype != "float32" and framework == "torch":
+        import torch
+
+        model = model.to(getattr(torch, dtype))
     if hasattr(model, "eval"):
         model.eval()
     return model
@@ -143,6 +164,14 @@ def run_framework(framework: str, state: Mapping[str, np.ndarray], task: str, pi
         out = forward(dict(state), config, pixel_values, task, add_pooling_layer="pooler.dense.weight" in state)
         elapsed = time.perf_counter() - start
         return Run(_collect(out, hidden_states), 0.0, elapsed)
+    if framework in EXPORTED:
+        from .export import run_exported
+
+        start = time.perf_counter()
+        run = run_exported(framework, state, task, config)
+        loaded = time.perf_counter()
+        outputs = {name: value.astype(np.float64) for name, value in run(pixel_values).items()}
+        return Run(outputs, loaded - start, time.perf_counter() - loaded)
     with pinned_precision(framework):
         start = time.perf_counter()
         model = build_model(framework, config, state, task)

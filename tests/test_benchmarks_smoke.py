@@ -161,3 +161,33 @@ def test_predict_benchmark_quick_mode_checks_labels_against_the_pipeline(tmp_pat
     helped = subprocess.run([sys.executable, "-m", "benchmarks.predict", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "quiet machine" in helped.stdout and "--images" in helped.stdout
+def test_quick_engine_benchmark_rows(tmp_path: pathlib.Path) -> None:
+    """The engine peers (issue #13) and vit_torch's native int8 run in quick mode: each float32 row
+    within the float32 bound of the float64 reference, each int8 row within the untrained fixture's
+    int8 bound (logit cosine >= 0.99), the export baseline row present; a row asked for a
+    precision it has not is marked unsupported, not failed."""
+    for module in ("onnxruntime", "openvino", "nncf", "onnxscript"):
+        pytest.importorskip(module)
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--dtypes", "float32,int8", "--skip-gemm", "--skip-cold",
+         "--only", "vitx-torch-int8-*,ort-*,ov-fp32,ov-int8-*,hf4-onnx-ort", "--threads", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cells = {(c["entry"], c["dtype"]): c for c in report["speed"]}
+    ran = {k for k, c in cells.items() if "error" not in c}
+    assert ran == {(e, "float32") for e in ("ort-fp32", "ort-fp32-optimized", "ov-fp32", "hf4-onnx-ort")} | \
+        {(e, "int8") for e in ("vitx-torch-int8-dynamic", "vitx-torch-int8-static", "ort-int8-dynamic",
+                               "ort-int8-static", "ov-int8-static", "ov-int8-dynamic")}
+    assert all(c.get("unsupported") for k, c in cells.items() if k not in ran)
+    for (entry, dtype), cell in cells.items():
+        if (entry, dtype) not in ran:
+            continue
+        assert cell["images_per_s"] > 0 and cell["framework"] == ("torch" if entry.startswith("vitx") else "engine")
+        if dtype == "float32":
+            assert cell["logits_max_abs_diff"] <= 1e-5 and cell["top1_matches_reference"], cell
+        else:
+            assert cell["logits_cosine"] >= 0.99 and cell["logits_max_abs_diff"] > 1e-5, cell
+    assert not [b for b in report["below_target"] if "cosine" in b["target"] or "within" in b["target"]]

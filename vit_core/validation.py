@@ -25,7 +25,10 @@ def check_pixel_values(shape: Sequence[int], is_floating: bool, config: ViTConfi
     if not is_floating:
         raise ValueError("pixel_values must be a floating-point tensor (float32, bfloat16 or float16); "
                          "convert uint8 images with ViTImageProcessor first")
-    _, channels, height, width = (int(s) for s in shape)
+    # the batch size is never read, and a height / width that is no plain integer (a symbolic size
+    # while torch.export traces a dynamic-size export) stays symbolic: int() would specialise it
+    _, channels, height, width = shape
+    channels, height, width = int(channels), _dim(height), _dim(width)
     if channels != config.num_channels:
         raise ValueError(
             f"pixel_values has {channels} channels in dimension 1, but the configuration expects "
@@ -41,6 +44,10 @@ def check_pixel_values(shape: Sequence[int], is_floating: bool, config: ViTConfi
     if height < ph or width < pw:
         raise ValueError(f"pixel_values of size {height}x{width} is smaller than one {ph}x{pw} patch")
     return height // ph, width // pw
+
+
+def _dim(size: object) -> object:
+    return int(size) if isinstance(size, (int, np.integer)) else size
 
 
 def check_bool_masked_pos(shape: Sequence[int], batch: int, num_patches: int) -> None:

@@ -6,11 +6,14 @@
 The recipe underneath is plain jax.export: close over the model's state, ``jax.jit`` the forward,
 export it for ``ShapeDtypeStruct((b, C, H, W))`` with ``b = jax.export.symbolic_shape("b")``, and
 ``serialize()``. The blob runs wherever a compatible jaxlib runs, without vitx or flax.
+:func:`export_forward` does the same for any vit_flax model and a chosen set of outputs, returned
+as a dict (``vitx export --format jax`` writes it as ``model.jax``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +58,40 @@ def export_classifier(
 def load_exported_classifier(blob: bytes) -> Callable[[jax.Array], jax.Array]:
     """The function serialised by :func:`export_classifier`: pixel_values (b, C, H, W) -> logits (b, K)."""
     return jax.export.deserialize(bytearray(blob)).call
+
+
+def export_forward(
+    model: Any,
+    names: Sequence[str],
+    image_size: int | tuple[int, int] | None = None,
+    *,
+    platforms: tuple[str, ...] | None = None,
+) -> bytes:
+    """Export ``pixel_values (b, channels, height, width) float32 -> {name: output}`` of any vit_flax model.
+
+    ``names``: the outputs to return (e.g. ``["logits"]`` or ``["last_hidden_state", "pooler_output"]``),
+    cast to float32. Otherwise as :func:`export_classifier`: weights baked in, symbolic batch. The
+    deserialised ``.call(pixel_values)`` returns the dict.
+    """
+    config = model.config
+    height, width = _image_hw(config, image_size)
+    interpolate = (height, width) != config.image_hw
+    graphdef, state = nnx.split(model)
+    names = list(names)
+
+    def forward(pixel_values: jax.Array) -> dict[str, jax.Array]:
+        output = nnx.merge(graphdef, state)(pixel_values, interpolate_pos_encoding=interpolate)
+        return {name: getattr(output, name).astype(jnp.float32) for name in names}
+
+    (batch,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, config.num_channels, height, width), jnp.float32)
+    exported = jax.export.export(jax.jit(forward), platforms=platforms)(spec)
+    return bytes(exported.serialize())
+
+
+def _image_hw(config: Any, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    if image_size is None:
+        return config.image_hw
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return tuple(image_size)  # type: ignore[return-value]

@@ -24,6 +24,15 @@ from vit_core.resample import CUBIC_A
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def tracing() -> bool:
+    """Whether the forward is being compiled, exported or traced (torch.compile, torch.export, the
+    dynamo ONNX exporter, torch.jit.trace, the legacy ONNX exporter): the CPU speed paths below
+    (oneDNN prepacked GEMMs, sub-batches, per-image bfloat16 attention) are eager-only, and a
+    graph must not depend on the batch size."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     """transformers "gelu_fast": the tanh GELU with the constant written as 0.7978845608."""
     return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
@@ -125,7 +134,7 @@ class Linear(nn.Linear):
             and x.dtype in _ONEDNN_DTYPES
             and x.dtype == self.weight.dtype
             and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
+            and not tracing()
         )
 
     def packed_weight(self) -> torch.Tensor:
@@ -203,7 +212,7 @@ def fused_attention(
     measured in benchmarks/RESULTS.md), the same numerics as the eager path.
     """
     if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and dropout_p == 0.0
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            and not torch.is_grad_enabled() and not tracing()):
         contexts = [eager_attention(q, k, v, scaling, None, 0.0)[0]
                     for q, k, v in zip(query.split(1), key.split(1), value.split(1))]
         return torch.cat(contexts) if len(contexts) > 1 else contexts[0]
@@ -288,7 +297,7 @@ class PatchProjection(nn.Conv2d):
             and pixel_values.dtype in _ONEDNN_DTYPES
             and pixel_values.dtype == self.weight.dtype
             and pixel_values.device.type == "cpu"
-            and not torch.compiler.is_compiling()
+            and not tracing()
         ):
             return super().forward(pixel_values)
         batch_size, channels, height, width = pixel_values.shape
@@ -338,8 +347,11 @@ def dense_dropout_residual(dense: Linear, dropout: nn.Dropout, hidden_states: to
 def splits_batch(hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool,
                  output_hidden_states: bool, training: bool) -> bool:
     """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): CPU
-    inference (eval, autograd off, not under torch.compile) of more than INFERENCE_CHUNK_ROWS
-    token rows, no head mask and no per-layer outputs."""
+    inference (eval, autograd off, not compiled or traced) of more than INFERENCE_CHUNK_ROWS
+    token rows, no head mask and no per-layer outputs. Never while traced (checked first, so a
+    symbolic batch size is not compared)."""
+    if tracing():
+        return False
     batch_size, tokens = hidden_states.shape[:2]
     return (
         batch_size * tokens > INFERENCE_CHUNK_ROWS
@@ -350,7 +362,6 @@ def splits_batch(hidden_states: torch.Tensor, head_mask: torch.Tensor | None, ou
         and head_mask is None
         and not output_attentions
         and not output_hidden_states
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -38,7 +38,7 @@ from .layers import (
     run_in_sub_batches,
     splits_batch,
 )
-from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput, inner_call, traceable
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -86,7 +86,10 @@ class ViTEmbeddings(nn.Module):
         ``embeddings`` is accepted for transformers' signature; only its dtype matters.
         """
         out_hw = (height // self.patch_hw[0], width // self.patch_hw[1])
-        if out_hw == self.grid_hw:
+        # a symbolic size (torch.export of a dynamic-size model) always resamples: at the same size
+        # the bicubic matrices are exactly the identity, so the values are the table's own
+        symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+        if not symbolic and out_hw == self.grid_hw:
             return self.position_embeddings
         class_pos_embed = self.position_embeddings[:, :1]  # (1, 1, hidden)
         patch_pos_embed = resample_position_grid(self.position_embeddings[:, 1:], self.grid_hw, out_hw)
@@ -620,7 +623,7 @@ class ViTModel(ViTPreTrainedModel):
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         output = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
                                             hidden_states=hidden_states, attentions=attentions)
-        return output if return_dict else output.to_tuple()
+        return traceable(output, return_dict)
 
     def _expand_head_mask(self, head_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """(heads,) or (layers, heads) -> (layers, 1, heads, 1, 1), broadcast over batch and tokens."""
@@ -700,8 +703,9 @@ class ViTForMaskedImageModeling(ViTPreTrainedModel):
         return_dict = flag(return_dict, self.config, "return_dict", True)
         if bool_masked_pos is not None:
             validation.check_mim(self.config)
-        outputs = self.vit(pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
-                           interpolate_pos_encoding, return_dict=True)
+        with inner_call():
+            outputs = self.vit(pixel_values, bool_masked_pos, head_mask, output_attentions, output_hidden_states,
+                               interpolate_pos_encoding, return_dict=True)
         sequence_output = outputs.last_hidden_state[:, 1:]  # (batch, patches, hidden)
         batch_size, _, hidden_size = sequence_output.shape
         ph, pw = self.config.patch_hw
@@ -721,7 +725,7 @@ class ViTForMaskedImageModeling(ViTPreTrainedModel):
 
         output = MaskedImageModelingOutput(loss=masked_im_loss, reconstruction=reconstructed_pixel_values,
                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        return traceable(output, return_dict)
 
 
 class ViTForImageClassification(ViTPreTrainedModel):
@@ -792,13 +796,14 @@ class ViTForImageClassification(ViTPreTrainedModel):
             hidden_states or None, attentions or None.
         """
         return_dict = flag(return_dict, self.config, "return_dict", True)
-        outputs = self.vit(pixel_values, None, head_mask, output_attentions, output_hidden_states,
-                           interpolate_pos_encoding, return_dict=True)
+        with inner_call():
+            outputs = self.vit(pixel_values, None, head_mask, output_attentions, output_hidden_states,
+                               interpolate_pos_encoding, return_dict=True)
         logits = self.classifier(outputs.last_hidden_state[:, 0])  # (batch, num_labels)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                        attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        return traceable(output, return_dict)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ViTConfig) -> torch.Tensor:
