@@ -75,10 +75,18 @@ class CPUFeatures:
     def isa(self) -> str:
         return isa_level(self.flags, self.arch)
 
+    def describe(self) -> str:
+        """One line naming the host kind: the CPU model and its ISA level in words
+        ("AMD EPYC, AVX-512 + avx512_bf16, no AMX"); what benchmarks/RESULTS.md heads each table with."""
+        words = {"amx": "AMX + avx512_bf16 + AVX-512", "avx512_bf16": "AVX-512 + avx512_bf16, no AMX",
+                 "avx512": "AVX-512 without bf16 (bfloat16 emulated)", "avx2": "AVX2, no AVX-512 (bfloat16 emulated)",
+                 "other": f"{self.arch}, no x86 vector ISA"}[self.isa]
+        return f"{self.model or self.vendor or 'unknown CPU'}, {words}"
+
     def summary(self) -> dict[str, object]:
         """A JSON-able record: what the benchmarks store with every result."""
         vector = sorted(f for f in self.flags if f.startswith(("avx", "amx", "fma", "sse4", "f16c")) or f in ("bf16", "sve", "asimd"))
-        return {"model": self.model, "vendor": self.vendor, "arch": self.arch, "isa": self.isa,
+        return {"model": self.model, "vendor": self.vendor, "arch": self.arch, "isa": self.isa, "host": self.describe(),
                 "vector_flags": vector, "torch_capability": self.torch_capability, "source": self.source}
 
 
