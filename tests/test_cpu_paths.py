@@ -264,9 +264,9 @@ def test_models_read_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
     from vit_torch import layers
 
-    real = cpu.select_paths
-    monkeypatch.setattr(cpu, "_plan", lambda f, fw, dt: dataclasses.replace(real(f, fw, dt), gemm="aten_linear",
-                                                                           sub_batches=False))
+    real = cpu.current_plan
+    monkeypatch.setattr(cpu, "current_plan", lambda fw, dt: dataclasses.replace(real(fw, dt), gemm="aten_linear",
+                                                                               sub_batches=False))
     linear = layers.Linear(8, 8).eval()
     x = torch.randn(2, 8)
     with torch.no_grad():

@@ -29,6 +29,7 @@ a valid computation wherever its kernels exist.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -176,15 +177,20 @@ def _detect(override: str | None) -> CPUFeatures:
     return CPUFeatures(arch=arch, vendor=vendor, model=model, flags=flags, source=source)
 
 
+_FEATURES: dict[tuple[str | None, bool], CPUFeatures] = {}
+
+
 def cpu_features() -> CPUFeatures:
-    """The CPU's features: ``VITX_CPU_FEATURES`` when set, else /proc/cpuinfo (cached), with
-    torch's CPU capability filled in when torch is imported."""
-    features = _detect(os.environ.get(ENV_VAR) or None)
-    if features.torch_capability is None and features.source != "env":
-        capability = _torch_capability()
-        if capability is not None:
-            features = CPUFeatures(features.arch, features.vendor, features.model, features.flags,
-                                   features.source, capability)
+    """The CPU's features: ``VITX_CPU_FEATURES`` when set, else /proc/cpuinfo, with torch's CPU
+    capability filled in once torch is imported. Cached per override value."""
+    override = os.environ.get(ENV_VAR) or None
+    key = (override, "torch" in sys.modules)
+    features = _FEATURES.get(key)
+    if features is None:
+        features = _detect(override)
+        if override is None and key[1]:
+            features = dataclasses.replace(features, torch_capability=_torch_capability())
+        _FEATURES[key] = features
     return features
 
 
@@ -297,14 +303,17 @@ def _select_torch(isa: str, dtype: str, native: bool | None, reasons: list[str])
                     bf16_native=native, sub_batches=True, reasons=tuple(reasons))
 
 
+_PLANS: dict[tuple[str | None, str, str], PathPlan] = {}
+
+
 def current_plan(framework: str, dtype: str) -> PathPlan:
-    """:func:`select_paths` for this machine's CPU (or ``VITX_CPU_FEATURES``); cached per features."""
-    return _plan(cpu_features(), framework, dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:
-    return select_paths(features, framework, dtype)
+    """:func:`select_paths` for this machine's CPU (or ``VITX_CPU_FEATURES``); cached per override
+    value, so the models can ask on every call (a dict lookup)."""
+    key = (os.environ.get(ENV_VAR) or None, framework, dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = select_paths(cpu_features(), framework, dtype)
+    return plan
 
 
 _WARNED: set[tuple[str, str]] = set()
