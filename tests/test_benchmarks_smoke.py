@@ -145,6 +145,8 @@ def test_quick_training_benchmark_writes_the_report(tmp_path: pathlib.Path) -> N
     report = json.loads(out.read_text())
     assert out.with_suffix(".md").exists()
     assert "| **vitx-torch-train** |" in done.stdout
+    assert report["machine"]["cpu_features"]["isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "other")
+    assert f"on {report['machine']['host']}" in done.stdout
     assert report["errors"] == [], report["errors"]
     cells = {(c["entry"], c["checkpointing"]): c for c in report["cells"]}
     assert set(cells) == {("vitx-torch-train", False), ("hf4-torch-train", False),
