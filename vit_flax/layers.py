@@ -6,7 +6,8 @@ float32, the bicubic position-grid resampling (constant matrices, never jax.imag
 strided patch convolution, pixel shuffle and dropout. Each is tested against vit_core.
 
 The CPU speed paths live here too, so modeling.py reads as the architecture: bfloat16 dots with
-float32 results, attention with (batch, heads) leading, and sub-batching of large batches. Each
+float32 results, attention with (batch, heads) leading, and sub-batching of large batches, as
+vit_core.cpu's plan for the CPU and dtype says (:func:`speed_plan`; docs/performance.md). Each
 computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 
 Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, docs/FORMATS.md section 4):

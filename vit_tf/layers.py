@@ -4,7 +4,8 @@ Everything that differs between frameworks in how a ViT computes lives here, in 
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
 of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_models.py
 checks each against vit_core. The inference speed path (sub-batching of large float32 batches)
-lives here too, so modeling.py reads as the architecture; why it exists is measured in
+lives here too, so modeling.py reads as the architecture; whether it runs is vit_core.cpu's plan
+for the CPU and dtype (:func:`speed_plan`; docs/performance.md), why it exists is measured in
 benchmarks/RESULTS.md.
 
 Leaf layers (``Dense``, ``LayerNorm``, ``Conv2d``) create their weights in ``__init__`` (shapes are

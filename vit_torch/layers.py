@@ -5,9 +5,11 @@ the activation table, LayerNorm, the attention kernels (fused and eager), the bi
 of the position grid and the patch embedding. tests/test_models.py checks each against vit_core.
 
 The CPU inference speed paths live here too, so modeling.py reads as the architecture: the
-prepacked oneDNN Linear (with the GELU and the residual add fused into its GEMM), the patch
-convolution as one matmul, bfloat16 attention image by image, and sub-batching of large batches.
-Each computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
+prepacked oneDNN Linear (with the GELU and the residual adds fused into its GEMM), q / k / v as
+one GEMM, the patch convolution as one matmul, bfloat16 attention image by image, and
+sub-batching of large batches. Which of them run is not decided here: vit_core.cpu's plan for the
+CPU's ISA and the dtype says (:func:`speed_plan`; docs/performance.md). Each computes the same sums
+as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -274,10 +276,11 @@ def qkv_projection(query: Linear, key: Linear, value: Linear, hidden_states: tor
     sums as three GEMMs: each output row is the dot product of the same weight row.
     """
     plan = speed_plan(hidden_states.dtype)
-    if not (plan is not None and plan.fused_qkv and query.onednn_ready(hidden_states)
-            and key.weight.dtype == value.weight.dtype == query.weight.dtype):
-        return query(hidden_states), key(hidden_states), value(hidden_states)
     layers = (query, key, value)
+    # exactly this Linear (a subclass, such as a quantized one, keeps its own forward)
+    if not (plan is not None and plan.fused_qkv and all(type(m) is Linear for m in layers)
+            and query.onednn_ready(hidden_states) and key.weight.dtype == value.weight.dtype == query.weight.dtype):
+        return query(hidden_states), key(hidden_states), value(hidden_states)
     cache_key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in layers) + tuple(
         None if m.bias is None else (m.bias.data_ptr(), m.bias._version) for m in layers)
     if query._qkv_packed is None or query._qkv_key != cache_key:
