@@ -213,3 +213,21 @@ def test_fused_qkv_equals_three_projections_and_follows_weight_changes() -> None
         assert torch.max(torch.abs(fused[2] - torch.nn.functional.linear(x, layers[2].weight, layers[2].bias))).item() <= 1e-5
     layers[0].train()
     assert layers[0]._qkv_packed is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_paths_ab_tool_flips_each_switch_of_the_plan(dtype: str) -> None:
+    """``python -m benchmarks.torch_speed --paths``: the whole model with the plan as chosen and with
+    each switch flipped; every variant computes the same logits within the dtype's bound."""
+    if dtype == "bfloat16" and not BF16_ONEDNN:
+        pytest.skip("oneDNN bfloat16 unsupported on this CPU")
+    from benchmarks import torch_speed
+
+    result = torch_speed.main(["--paths", "--variant", "S/16", "--image-size", "32", "--batch", "2", "--rounds", "1",
+                               "--threads", "1", "--dtype", dtype, "--json"])
+    variants = ["plan", "fused_qkv off", "gemm_epilogues off"] + (["attention=sdpa"] if dtype == "bfloat16" else [])
+    assert result["isa"] == "avx512_bf16" and result["plan_vs_plan"] == 1.0
+    bound = 1e-5 if dtype == "float32" else 1e-1
+    for name in variants:
+        assert result[f"{name}_images_per_s"] > 0 and result[f"{name}_max_abs_logit_diff"] <= bound, (name, result)
+    assert torch_layers.speed_plan is not None and torch_layers.speed_plan(torch.float32).fused_qkv  # restored
