@@ -9,7 +9,9 @@ from .common import MODEL_SPECS, mlp_gemm_shape, model_flops
 # Issue #6 targets (on this machine, same run).
 RATIO_TARGET = {"torch/float32": 2.0}   # PyTorch float32: the oneDNN prepacked path
 RATIO_TARGET_DEFAULT = 1.2              # every other framework and dtype
-MFU_TARGET = {"float32": 0.85, "bfloat16": 0.75}  # ViT-B/16 batch 32
+# ViT-B/16 batch 32; bfloat16: of the framework's own bf16 GEMM rate (issue #14: 60%, where the
+# GEMMs are fast enough that what lies between them decides; issue #6 had asked 75%)
+MFU_TARGET = {"float32": 0.85, "bfloat16": 0.60}
 MFU_CELL = ("B/16", 32)
 FP32_LOGITS_BOUND = 1e-4                # docs/NUMERICS.md, ViT-B/16-size logits vs the float64 reference
 BF16_LOGITS_BOUND = 1e-1                # issue #6: bfloat16 logits vs float32 / reference
@@ -157,7 +159,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines: list[str] = []
     machine = report["machine"]
     settings = report["settings"]
-    lines += [f"# vitx benchmark ({report['started']}, commit {report.get('git_commit')})", "",
+    host = machine.get("host") or machine["cpu"]
+    lines += [f"# vitx benchmark on {host} ({report['started']}, commit {report.get('git_commit')})", "",
               f"{machine['cpu']}, {machine['cores']} cores, {settings['threads']} threads per framework; "
               f"load average at start {tuple(round(x, 2) for x in machine['load_average_at_start'])}, "
               f"at end {tuple(round(x, 2) for x in machine.get('load_average_at_end', (0, 0, 0)))}. "
@@ -165,6 +168,23 @@ def render_markdown(report: dict[str, Any]) -> str:
               "each cell a fresh process" + (f"; each cell the fastest of {settings['passes']} passes "
                                              "(every pass's images/s in the JSON: pass_images_per_s)"
                                              if settings.get("passes", 1) > 1 else "") + ".", ""]
+
+    features = machine.get("cpu_features")
+    if features:
+        lines += [f"Host kind: **{host}** (ISA level `{features['isa']}`; vector flags: "
+                  f"{' '.join(features.get('vector_flags', [])) or 'none'}; torch CPU capability: "
+                  f"{features.get('torch_capability') or '-'}).", ""]
+    plans = machine.get("plans")
+    if plans:
+        lines += ["## Speed paths chosen for this CPU (vit_core.cpu)", "",
+                  "| framework | dtype | GEMM | attention | GEMM epilogues | fused qkv | bf16 native | sub-batches |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for fw, by_dtype in plans.items():
+            for dtype, p in by_dtype.items():
+                native = "-" if p["bf16_native"] is None else ("yes" if p["bf16_native"] else "emulated")
+                lines.append(f"| {fw} | {dtype} | {p['gemm']} | {p['attention']} | {'yes' if p['gemm_epilogues'] else 'no'} | "
+                             f"{'yes' if p['fused_qkv'] else 'no'} | {native} | {'yes' if p['sub_batches'] else 'no'} |")
+        lines.append("")
 
     ceilings = report.get("ceilings", {})
     if report.get("gemm"):
@@ -220,6 +240,23 @@ def render_markdown(report: dict[str, Any]) -> str:
                             row.append(_cell(cell, settings.get("max_foreign_load") or 0.3))
                         lines.append("| " + " | ".join(row) + " |")
                 lines.append("")
+
+    latency = [c for c in speed if c.get("batch") == 1 and "error" not in c and c.get("latency_ms")]
+    if latency:
+        lines += ["## Batch-1 latency (ms per call, p50 / p90)", "",
+                  "Serving runs at batch 1: each call's wall time over the timed calls of the batch-1 cell.", ""]
+        dtypes = [d for d in settings["dtypes"] if any(c["dtype"] == d for c in latency)]
+        models = [m for m in settings["models"] if any(c["model"] == m for c in latency)]
+        columns = [(m, d) for m in models for d in dtypes]
+        lines += ["| entry | " + " | ".join(f"ViT-{m} {d}" for m, d in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for name in dict.fromkeys(c["entry"] for c in latency):
+            row = [f"**{name}**" if name.startswith("vitx") else name]
+            for m, d in columns:
+                cell = next((c for c in latency if c["entry"] == name and c["model"] == m and c["dtype"] == d), None)
+                row.append("" if cell is None else f"{cell['latency_ms']['p50']:.1f} / {cell['latency_ms']['p90']:.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
 
     bounded = [c for c in speed if c.get("vitx") and c.get("gemm_bound_ratio") is not None]
     if bounded:

@@ -49,6 +49,7 @@ DEFAULT_MODELS = ["S/16", "B/16"]
 DEFAULT_BATCHES = [1, 8, 32]
 DEFAULT_DTYPES = ["float32", "bfloat16"]
 CHILD_TIMEOUT_S = 1800
+LATENCY_MIN_RUNS = 20  # timed calls at batch 1 at least (the latency p50 / p90 cells)
 
 
 def _split(text: str) -> list[str]:
@@ -124,6 +125,12 @@ def _git_commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _host_of(report: dict[str, Any]) -> tuple[str, str] | None:
+    """(CPU model, ISA level) a report was measured on; None for reports older than the CPU record."""
+    features = report.get("machine", {}).get("cpu_features")
+    return None if not features else (features.get("model", ""), features.get("isa", ""))
 
 
 def _merge(report: dict[str, Any], earlier: dict[str, Any], keep_faster: bool = False) -> None:
@@ -207,12 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         _log(f"fixtures for {model}: {ensure_fixtures(model)}")
 
+    from vit_core import cpu
+
+    features = cpu.cpu_features()
+    earlier = json.loads(pathlib.Path(args.merge).read_text()) if args.merge else None
+    if earlier is not None and _host_of(earlier) not in (None, (features.model, features.isa)):
+        parser.error(f"--merge {args.merge} was measured on {earlier['machine'].get('host')}, this is "
+                     f"{features.describe()}: one report per host kind")
     started = _dt.datetime.now()
     report: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "load_average_at_start": load_average()},
+                    "python": platform.python_version(), "load_average_at_start": load_average(),
+                    # the CPU model and ISA summary (vit_core.cpu): results of different host kinds never mix
+                    "cpu_features": features.summary(), "host": features.describe(),
+                    "plans": {fw: {d: cpu.select_paths(features, fw, d).as_dict() for d in dtypes}
+                              for fw in cpu.FRAMEWORKS}},
         "settings": {"quick": quick, "models": models, "batches": batches, "dtypes": dtypes,
                      "threads": args.threads, "passes": args.passes, "min_runs": min_runs, "min_time_s": min_time,
                      "max_time_s": max_time, "max_foreign_load": args.max_foreign_load, "entries": [e.name for e in entries], "cold_entries": cold_entries},
@@ -242,21 +260,24 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"cold start: {name} {model}")
             result = run_child(venv, "benchmarks.worker", ["cold", "--entry", name, "--model", model,
                                                            "--threads", str(args.threads)], args.threads, CHILD_TIMEOUT_S)
-            result.update({"entry": name, "framework": framework, "vitx": vitx, "model": model})
+            result.update({"entry": name, "framework": framework, "vitx": vitx, "model": model,
+                           "cpu": {"model": features.model, "isa": features.isa}})
             report["cold"].append(result)
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = started.strftime("bench-%Y%m%d-%H%M%S") + ("-quick" if quick else "")
     json_path = args.out or str(RESULTS_DIR / f"{stem}.json")
     md_path = os.path.splitext(json_path)[0] + ".md"
-    earlier = json.loads(pathlib.Path(args.merge).read_text()) if args.merge else None
     cells = [(m, d, b, e) for m in models for d in dtypes for b in batches for e in entries] if not args.skip_speed else []
     measured: dict[tuple, list[dict[str, Any]]] = {}
     markdown = ""
     for speed_pass in range(1, max(1, args.passes) + 1):
         for i, (model, dtype, batch, entry) in enumerate(cells, 1):
             _log(f"[pass {speed_pass}/{args.passes}] [{i}/{len(cells)}] {entry.name} {model} {dtype} batch {batch}")
-            result = _measure_cell(entry, model, dtype, batch, args, min_runs, min_time, max_time)
+            # batch 1 is the serving latency cell: enough calls for a p90
+            runs = min_runs if quick or batch != 1 else max(min_runs, LATENCY_MIN_RUNS)
+            result = _measure_cell(entry, model, dtype, batch, args, runs, min_time, max_time)
+            result["cpu"] = {"model": features.model, "isa": features.isa}
             measured.setdefault((entry.name, model, dtype, batch), []).append(result)
             # written after every cell (a long run stopped midway keeps what it measured): each
             # measured cell's fastest pass so far

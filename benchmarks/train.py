@@ -79,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for model in models:
         _log(f"fixtures for {model}: {ensure_train_fixtures(model, batch)}")
+    from vit_core import cpu
+
+    features = cpu.cpu_features()
     started = _dt.datetime.now()
     report: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "load_average_at_start": load_average()},
+                    "python": platform.python_version(), "load_average_at_start": load_average(),
+                    # the host kind (vit_core.cpu): CPU model, vector flags, ISA level
+                    "cpu_features": features.summary(), "host": features.describe()},
         "settings": {"quick": quick, "models": models, "dtypes": dtypes, "batch": batch, "threads": args.threads,
                      "checkpointing_dtypes": ckpt_dtypes, "min_runs": min_runs, "min_time_s": min_time,
                      "max_time_s": max_time, "entries": [e.name for e in entries]},
@@ -177,7 +182,8 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     machine, settings = report["machine"], report["settings"]
-    lines = [f"# Training speed: one optimizer step (forward + backward + AdamW), batch {settings['batch']}", "",
+    lines = [f"# Training speed: one optimizer step (forward + backward + AdamW), batch {settings['batch']}"
+             + (f", on {machine['host']}" if machine.get("host") else ""), "",
              f"{machine['cpu'] or '?'}, {machine['cores']} cores, {settings['threads']} threads; "
              f"started {report['started']}, vitx at {report.get('git_commit')}; "
              f"load average {machine['load_average_at_start'][0]:.2f} -> "

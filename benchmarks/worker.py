@@ -61,6 +61,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     timing = time_calls(call, min_runs=args.min_runs, min_time_s=args.min_time, max_runs=args.max_runs,
                         max_time_s=args.max_time)
     logits = call()
+    times_ms = np.asarray(timing.times) * 1e3
     result = {
         "kind": "speed", "entry": args.entry, "framework": entry.framework, "vitx": entry.vitx,
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
@@ -68,8 +69,14 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "times_s": timing.times, "median_s": timing.median_s,
         "median_cpu_s": statistics.median(timing.cpu_times), "runs": len(timing.times),
         "images_per_s": args.batch / timing.median_s,
+        # per-call latency of this batch size (serving runs at batch 1): p50 / p90 over the timed calls
+        "latency_ms": {"p50": float(np.percentile(times_ms, 50)), "p90": float(np.percentile(times_ms, 90))},
         "peak_rss_mb": peak_rss_mb(), "versions": versions(FRAMEWORK_MODULES),
     }
+    if entry.vitx:  # the speed paths vit_core.cpu chose on this CPU (vitx entries run in the main venv)
+        from vit_core import cpu
+
+        result["plan"] = cpu.current_plan(entry.framework, args.dtype).as_dict()
     result.update(logits_check(logits, args.model))
     return result
 

@@ -32,6 +32,14 @@ def test_quick_benchmark_writes_the_report(tmp_path: pathlib.Path) -> None:
         assert key in report, key
     assert report["errors"] == [], report["errors"]
     assert len(report["machine"]["load_average_at_start"]) == 3
+    # the CPU model and ISA summary (vit_core.cpu) and the paths chosen for it, with every result
+    from vit_core import cpu
+
+    features = cpu.cpu_features()
+    assert report["machine"]["cpu_features"]["isa"] == features.isa in cpu.ISA_LEVELS
+    assert report["machine"]["host"] == features.describe() and f"on {features.describe()}" in done.stdout
+    assert report["machine"]["plans"]["torch"]["float32"] == cpu.select_paths(features, "torch", "float32").as_dict()
+    assert "## Speed paths chosen for this CPU" in done.stdout
 
     rows = report["gemm"]["torch"]["rows"]
     assert {(r["method"], r["dtype"]) for r in rows} == {
@@ -46,6 +54,14 @@ def test_quick_benchmark_writes_the_report(tmp_path: pathlib.Path) -> None:
     assert len(cell["load_average_before"]) == 3 and len(cell["load_average_after"]) == 3
     # the harness checks every cell against the float64 reference: a real number, within bounds
     assert cell["logits_max_abs_diff"] <= 1e-5 and cell["top1_matches_reference"] is True
+    assert cell["cpu"] == {"model": features.model, "isa": features.isa}
+    assert cell["plan"] == cpu.current_plan("torch", "float32").as_dict()
+    # batch-1 latency: p50 / p90 of the timed calls, in ms, in the JSON and the table
+    latency = cell["latency_ms"]
+    times = sorted(t * 1e3 for t in cell["times_s"])
+    assert times[0] <= latency["p50"] <= latency["p90"] <= times[-1]
+    assert "## Batch-1 latency (ms per call, p50 / p90)" in done.stdout
+    assert f"| **vitx-torch-sdpa** | {latency['p50']:.1f} / {latency['p90']:.1f} |" in done.stdout
 
     (cold,) = report["cold"]
     assert cold["entry"] == "vitx-torch"
@@ -80,6 +96,23 @@ def test_merge_keeps_the_faster_pass_of_a_cell_measured_twice() -> None:
     assert {(c["entry"], c["batch"]): c["images_per_s"] for c in replaced["speed"]}[("a", 1)] == 8.0
 
 
+def test_merge_refuses_a_report_of_another_host_kind(tmp_path: pathlib.Path) -> None:
+    """One report (and one RESULTS table) per host kind: --merge of a report measured on another
+    CPU is a usage error naming both hosts."""
+    from benchmarks.run import _host_of
+
+    earlier = {"machine": {"host": "Intel Xeon, AMX", "cpu_features": {"model": "Intel Xeon", "isa": "amx"}},
+               "speed": [], "cold": [], "gemm": {}, "settings": {}}
+    assert _host_of(earlier) == ("Intel Xeon", "amx") and _host_of({"machine": {}}) is None
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(earlier))
+    env = {**__import__("os").environ, "VITX_CPU_FEATURES": "avx2"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--skip-gemm", "--skip-cold",
+                           "--skip-speed", "--merge", str(path), "--out", str(tmp_path / "x.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "one report per host kind" in done.stderr and "Intel Xeon, AMX" in done.stderr
+
+
 def test_gemm_bound_is_the_framework_rate_at_the_models_own_shape() -> None:
     from benchmarks.common import mlp_gemm_shape, model_flops
     from benchmarks.report import gemm_bound
@@ -112,6 +145,8 @@ def test_quick_training_benchmark_writes_the_report(tmp_path: pathlib.Path) -> N
     report = json.loads(out.read_text())
     assert out.with_suffix(".md").exists()
     assert "| **vitx-torch-train** |" in done.stdout
+    assert report["machine"]["cpu_features"]["isa"] in ("amx", "avx512_bf16", "avx512", "avx2", "other")
+    assert f"on {report['machine']['host']}" in done.stdout
     assert report["errors"] == [], report["errors"]
     cells = {(c["entry"], c["checkpointing"]): c for c in report["cells"]}
     assert set(cells) == {("vitx-torch-train", False), ("hf4-torch-train", False),

@@ -6,7 +6,8 @@ float32, the bicubic position-grid resampling (constant matrices, never jax.imag
 strided patch convolution, pixel shuffle and dropout. Each is tested against vit_core.
 
 The CPU speed paths live here too, so modeling.py reads as the architecture: bfloat16 dots with
-float32 results, attention with (batch, heads) leading, and sub-batching of large batches. Each
+float32 results, attention with (batch, heads) leading, and sub-batching of large batches, as
+vit_core.cpu's plan for the CPU and dtype says (:func:`speed_plan`; docs/performance.md). Each
 computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 
 Parameter layouts are Flax's (the layouts of transformers' Flax checkpoints, docs/FORMATS.md section 4):
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_core import cpu
 from vit_core.resample import bicubic_matrix
 
 Array = jax.Array
@@ -96,8 +98,15 @@ def _placeholder(shape: tuple[int, ...], param_dtype: DType) -> nnx.Param:
 
 
 # ----------------------------------------------------------------------------------- matmuls
+def speed_plan(dtype: DType) -> cpu.PathPlan | None:
+    """The CPU speed paths vit_core.cpu chose for Flax in ``dtype`` on this CPU (None for other dtypes)."""
+    name = jnp.dtype(dtype).name
+    return cpu.current_plan("flax", name) if name in cpu.DTYPES else None
+
+
 def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
-    """The result type to ask of a dot computed in ``dtype``: float32 for bfloat16, else the input's.
+    """The result type to ask of a dot computed in ``dtype``: float32 where the vit_core.cpu plan
+    says ``gemm="dot_f32_result"`` (bfloat16), else the input's (None).
 
     A bfloat16 dot is accumulated in float32 and rounded once either way, but XLA's CPU backend
     widens both operands to float32 for a bfloat16-result dot (and writes the widened weights out
@@ -105,7 +114,8 @@ def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
     instructions, at about twice the rate (measured in benchmarks/RESULTS.md). Callers round the
     result back.
     """
-    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.bfloat16 else None
+    plan = speed_plan(dtype)
+    return jnp.dtype(jnp.float32) if plan is not None and plan.gemm == "dot_f32_result" else None
 
 
 # ----------------------------------------------------------------------------------- leaf layers
@@ -306,12 +316,15 @@ INFERENCE_CHUNK_ROWS = 1024
 
 def splits_batch(hidden_states: Array, head_mask: Array | None, output_attentions: bool,
                  output_hidden_states: bool, dropout_rng: Array | None) -> bool:
-    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): CPU
-    inference (no dropout) of more than INFERENCE_CHUNK_ROWS token rows, no head mask and no
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): the
+    vit_core.cpu plan's ``sub_batches``, CPU inference (no dropout) of more than INFERENCE_CHUNK_ROWS token rows, no head mask and no
     per-layer outputs, at a known batch size (a symbolic one, as in jax.export, runs whole)."""
     batch_size, tokens = hidden_states.shape[:2]
+    plan = speed_plan(hidden_states.dtype)
     return (
-        isinstance(batch_size, int)
+        plan is not None
+        and plan.sub_batches
+        and isinstance(batch_size, int)
         and batch_size * tokens > INFERENCE_CHUNK_ROWS
         and batch_size > 1
         and head_mask is None

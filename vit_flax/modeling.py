@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_core import validation
+from vit_core import cpu, validation
 from vit_core.config import ViTConfig
 from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
@@ -1250,13 +1250,16 @@ def resolve_dtype(dtype: DType) -> jnp.dtype:
     """float32, bfloat16 or float16 (a jnp / numpy dtype, or a name read by
     vit_core.options.dtype_name: "bfloat16", "bf16", "jnp.float16") as a numpy dtype."""
     if isinstance(dtype, str):
-        return jnp.dtype(dtype_name(dtype))
-    try:
-        resolved = jnp.dtype(dtype)
-    except TypeError:
-        resolved = None
+        resolved = jnp.dtype(dtype_name(dtype))
+    else:
+        try:
+            resolved = jnp.dtype(dtype)
+        except TypeError:
+            resolved = None
     if resolved not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"unsupported dtype {dtype!r}; use jnp.float32, jnp.bfloat16 or jnp.float16")
+    if resolved == jnp.dtype(jnp.bfloat16) and jax.default_backend() == "cpu":
+        cpu.warn_if_emulated("flax", "bfloat16")  # once: bf16 without AMX / avx512_bf16 is slower than float32
     return resolved
 
 

@@ -4,7 +4,8 @@ Everything that differs between frameworks in how a ViT computes lives here, in 
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
 of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_models.py
 checks each against vit_core. The inference speed path (sub-batching of large float32 batches)
-lives here too, so modeling.py reads as the architecture; why it exists is measured in
+lives here too, so modeling.py reads as the architecture; whether it runs is vit_core.cpu's plan
+for the CPU and dtype (:func:`speed_plan`; docs/performance.md), why it exists is measured in
 benchmarks/RESULTS.md.
 
 Leaf layers (``Dense``, ``LayerNorm``, ``Conv2d``) create their weights in ``__init__`` (shapes are
@@ -23,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vit_core import cpu
 from vit_core.resample import bicubic_matrix as numpy_bicubic_matrix
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -247,6 +249,12 @@ class PixelShuffle(keras.Layer):
 
 
 # ------------------------------------------------------------------------------ speed paths
+def speed_plan(dtype: tf.DType) -> cpu.PathPlan | None:
+    """The CPU speed paths vit_core.cpu chose for TensorFlow in ``dtype`` on this CPU (None for other dtypes)."""
+    name = tf.as_dtype(dtype).name
+    return cpu.current_plan("tf", name) if name in cpu.DTYPES else None
+
+
 # ViTEncoder runs inference batches as sub-batches of at most this many token rows (5 images of
 # ViT-*/16 at 224): see splits_batch.
 INFERENCE_CHUNK_ROWS = 1024
@@ -254,14 +262,16 @@ INFERENCE_CHUNK_ROWS = 1024
 
 def splits_batch(hidden_states: tf.Tensor, head_mask: tf.Tensor | None, output_attentions: bool,
                  output_hidden_states: bool, training: bool) -> bool:
-    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): float32
-    inference of more than INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced
-    ``None`` batch runs whole), no head mask and no per-layer outputs. bfloat16 runs whole:
-    TensorFlow's bf16 matmul gains rate with rows, so the whole batch is the faster one there
-    (measured in benchmarks/RESULTS.md)."""
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): the
+    vit_core.cpu plan's ``sub_batches`` for the compute dtype (float32 yes; bfloat16 runs whole:
+    TensorFlow's bf16 matmul gains rate with rows, measured in benchmarks/RESULTS.md), inference
+    of more than INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced ``None`` batch
+    runs whole), no head mask and no per-layer outputs."""
     batch_size, tokens = hidden_states.shape[:2]
+    plan = speed_plan(hidden_states.dtype)
     return (
-        hidden_states.dtype == tf.float32
+        plan is not None
+        and plan.sub_batches
         and batch_size is not None
         and batch_size > 1
         and batch_size * tokens > INFERENCE_CHUNK_ROWS

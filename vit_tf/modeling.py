@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vit_core import validation
+from vit_core import cpu, validation
 from vit_core.config import ViTConfig
 from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
@@ -1085,8 +1085,13 @@ def resolve_dtype(dtype: str | tf.DType | np.dtype | None) -> str:
         dtype = keras.config.dtype_policy().name
     if isinstance(dtype, str):
         if dtype in MIXED_POLICIES:
+            if dtype == "mixed_bfloat16":
+                cpu.warn_if_emulated("tf", "bfloat16")  # once: bf16 without AMX / avx512_bf16 is slow
             return dtype
-        return dtype_name(dtype)
+        name = dtype_name(dtype)
+        if name == "bfloat16":
+            cpu.warn_if_emulated("tf", "bfloat16")
+        return name
     if isinstance(dtype, tf.DType):
         name = dtype.name
     else:
@@ -1096,6 +1101,8 @@ def resolve_dtype(dtype: str | tf.DType | np.dtype | None) -> str:
             name = str(dtype)
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+    if name == "bfloat16":
+        cpu.warn_if_emulated("tf", "bfloat16")
     return name
 
 

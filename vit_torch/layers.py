@@ -5,13 +5,16 @@ the activation table, LayerNorm, the attention kernels (fused and eager), the bi
 of the position grid and the patch embedding. tests/test_models.py checks each against vit_core.
 
 The CPU inference speed paths live here too, so modeling.py reads as the architecture: the
-prepacked oneDNN Linear (with the GELU and the residual add fused into its GEMM), the patch
-convolution as one matmul, bfloat16 attention image by image, and sub-batching of large batches.
-Each computes the same sums as the plain path; why each exists is measured in benchmarks/RESULTS.md.
+prepacked oneDNN Linear (with the GELU and the residual adds fused into its GEMM), q / k / v as
+one GEMM, the patch convolution as one matmul, bfloat16 attention image by image, and
+sub-batching of large batches. Which of them run is not decided here: vit_core.cpu's plan for the
+CPU's ISA and the dtype says (:func:`speed_plan`; docs/performance.md). Each computes the same sums
+as the plain path; why each exists is measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vit_core import cpu
 from vit_core.resample import CUBIC_A
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -91,21 +95,45 @@ _ONEDNN_POST_OPS: dict[str, tuple[str, str]] = {
 }
 
 
-def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def speed_plan(dtype: torch.dtype) -> cpu.PathPlan | None:
+    """The CPU speed paths vit_core.cpu chose for ``dtype`` on this CPU (None for other dtypes)."""
+    name = _DTYPE_NAMES.get(dtype)
+    return None if name is None else cpu.current_plan("torch", name)
+
+
+@functools.lru_cache(maxsize=4)
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether this torch build can run oneDNN's GEMM in ``dtype`` at all (bf16: AVX-512 core or better)."""
     if not torch.backends.mkldnn.is_available():
-        return ()
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
-_ONEDNN_DTYPES = _onednn_dtypes()
+def onednn_gemm(dtype: torch.dtype) -> bool:
+    """Whether inference GEMMs in ``dtype`` run oneDNN on prepacked weights: the plan says so
+    (``gemm == "onednn_prepacked"``) and this torch build can."""
+    plan = speed_plan(dtype)
+    return plan is not None and plan.gemm == "onednn_prepacked" and _onednn_runs(dtype)
+
+
+def _cpu_inference(x: torch.Tensor) -> bool:
+    """Eager CPU inference: autograd off (inference_mode / no_grad), a CPU tensor, not compiled,
+    exported or traced (:func:`tracing`)."""
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and not tracing()
 
 
 class Linear(nn.Linear):
     """nn.Linear whose inference forward runs oneDNN's GEMM on a prepacked weight (issue #6).
 
     In eval mode with autograd off (``torch.inference_mode()`` / ``torch.no_grad()``), on CPU, in
-    float32 or bfloat16, and outside torch.compile (whose inductor freezing packs weights itself),
-    the weight is reordered once into oneDNN's blocked layout
+    a dtype whose vit_core.cpu plan picks ``gemm="onednn_prepacked"`` (float32 and bfloat16 on
+    x86 with AVX2 / AVX-512; see :func:`onednn_gemm`), and outside torch.compile (whose inductor
+    freezing packs weights itself), the weight is reordered once into oneDNN's blocked layout
     (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied by
     ``torch.ops.mkldnn._linear_pointwise``, which outruns the MKL sgemm that ``F.linear`` runs on
     AVX-512 CPUs (measured in benchmarks/RESULTS.md). Still a float32 GEMM (another blocking
@@ -117,25 +145,30 @@ class Linear(nn.Linear):
 
     _packed: torch.Tensor | None = None
     _packed_key: tuple[int, int, torch.dtype] | None = None
+    # query Linear of an attention block only: the packed (query; key; value) weight, see qkv_projection
+    _qkv_packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _qkv_key: tuple | None = None
 
     def train(self, mode: bool = True) -> Linear:
-        """Also drops the packed copy: a fused optimizer step (transformers' Trainer default,
+        """Also drops the packed copies: a fused optimizer step (transformers' Trainer default,
         ``torch._fused_adamw_``) updates the weight without bumping the version counter the cache
         key reads, so a cache kept across a training phase could be stale."""
         self._packed = None
         self._packed_key = None
+        self._qkv_packed = None
+        self._qkv_key = None
         return super().train(mode)
 
     def onednn_ready(self, x: torch.Tensor) -> bool:
         """Whether the prepacked oneDNN path applies to input ``x``."""
-        return (
-            not self.training
-            and not torch.is_grad_enabled()
-            and x.dtype in _ONEDNN_DTYPES
-            and x.dtype == self.weight.dtype
-            and x.device.type == "cpu"
-            and not tracing()
-        )
+        return not self.training and x.dtype == self.weight.dtype and _cpu_inference(x) and onednn_gemm(x.dtype)
+
+    def epilogues(self, x: torch.Tensor) -> bool:
+        """Whether the GELU / residual add can ride in this GEMM for input ``x`` (the plan's ``gemm_epilogues``)."""
+        if not self.onednn_ready(x):
+            return False
+        plan = speed_plan(x.dtype)
+        return plan is not None and plan.gemm_epilogues
 
     def packed_weight(self) -> torch.Tensor:
         """The weight in oneDNN's blocked layout, reordered on first use and cached."""
@@ -148,14 +181,14 @@ class Linear(nn.Linear):
 
     def fuses(self, x: torch.Tensor, activation: str) -> bool:
         """Whether ``forward(x, post_op=activation)`` can apply ``activation`` inside the GEMM."""
-        return activation in _ONEDNN_POST_OPS and self.onednn_ready(x)
+        return activation in _ONEDNN_POST_OPS and self.epilogues(x)
 
     def forward(self, x: torch.Tensor, post_op: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(..., in_features) -> (..., out_features). ``post_op``: an activation name applied by oneDNN
         inside the GEMM; only where :meth:`fuses` says so (callers fall back to the activation).
         ``residual`` (..., out_features) is added to the result (inside the GEMM on the oneDNN path)."""
         if residual is not None:
-            if self.onednn_ready(x):
+            if self.epilogues(x):
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed_weight(), self.bias, "add")
             return F.linear(x, self.weight, self.bias) + residual
         if post_op is not None:
@@ -202,21 +235,73 @@ def eager_attention(
 def fused_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, dropout_p: float
 ) -> torch.Tensor:
-    """torch.nn.functional.scaled_dot_product_attention; same shapes as :func:`eager_attention`,
-    no probabilities. It softmaxes in float32 internally for reduced-precision inputs.
+    """The attention of the fused path; same shapes as :func:`eager_attention`, no probabilities.
 
-    bfloat16 CPU inference (autograd off, no dropout, outside torch.compile) runs
-    :func:`eager_attention`'s formula one image at a time instead: oneDNN's bf16 batched matmuls
-    with a float32 softmax whose (heads, tokens, tokens) buffer stays in cache, faster than
-    torch's CPU flash kernel in bfloat16 (``python -m benchmarks.torch_speed --attention``;
-    measured in benchmarks/RESULTS.md), the same numerics as the eager path.
+    The kernel is the vit_core.cpu plan's ``attention`` for the input's dtype: "sdpa"
+    (torch.nn.functional.scaled_dot_product_attention: torch's CPU flash kernel, which softmaxes
+    in float32 internally for reduced-precision inputs and takes the strided q / k / v views of
+    :func:`qkv_projection` without a copy) or, in CPU inference (autograd off, no dropout, outside
+    torch.compile), "matmul_per_image" (:func:`attention_per_image`). Training, dropout and
+    torch.compile always take SDPA.
     """
-    if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and dropout_p == 0.0
-            and not torch.is_grad_enabled() and not tracing()):
-        contexts = [eager_attention(q, k, v, scaling, None, 0.0)[0]
-                    for q, k, v in zip(query.split(1), key.split(1), value.split(1))]
-        return torch.cat(contexts) if len(contexts) > 1 else contexts[0]
+    if dropout_p == 0.0 and _cpu_inference(query):
+        plan = speed_plan(query.dtype)
+        if plan is not None and plan.attention == "matmul_per_image":
+            return attention_per_image(query, key, value, scaling)
     return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scaling)
+
+
+def attention_per_image(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """:func:`eager_attention`'s formula one image at a time, for inference (no dropout, no mask).
+
+    query/key/value (batch, heads, tokens, head_dim), any strides; returns the context (batch,
+    heads, tokens, head_dim), contiguous. Per image: scores = scaling * q @ k^T in one batched
+    GEMM (``baddbmm``, the scale applied to the float32 sums before the single rounding), the
+    softmax over them (torch's CPU kernel keeps the max and the sum in float32 for bfloat16 and
+    rounds once), then probs @ v written straight into the output. q / k / v are made contiguous
+    once for the whole batch (a no-op when they already are), so oneDNN's bf16 batched matmuls
+    take k^T as a transposed view and nothing else is copied; the (heads, tokens, tokens)
+    buffer of one image stays in cache (faster than the CPU flash kernel in bfloat16 on
+    avx512_bf16: ``python -m benchmarks.torch_speed --attention``, docs/performance.md).
+    """
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    batch_size, heads, tokens, _ = query.shape
+    context = value.new_empty(value.shape)
+    scores = query.new_empty((heads, tokens, key.shape[2]))
+    for i in range(batch_size):
+        torch.baddbmm(scores, query[i], key[i].transpose(1, 2), beta=0.0, alpha=scaling, out=scores)
+        torch.bmm(torch.softmax(scores, dim=-1), value[i], out=context[i])
+    return context
+
+
+def qkv_projection(query: Linear, key: Linear, value: Linear, hidden_states: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value projections of ``hidden_states`` (batch, tokens, hidden), each
+    (batch, tokens, heads * head_dim).
+
+    Where the plan says ``fused_qkv`` (and the oneDNN path applies), the three run as one GEMM on
+    the concatenated (query; key; value) weight, prepacked once and cached on ``query`` against
+    changes to any of the three weights (dropped on ``train()``, as :class:`Linear`'s own); the
+    three results are views of its (batch, tokens, 3 * hidden) output, no copy. The same
+    sums as three GEMMs: each output row is the dot product of the same weight row.
+    """
+    plan = speed_plan(hidden_states.dtype)
+    layers = (query, key, value)
+    # exactly this Linear (a subclass, such as a quantized one, keeps its own forward)
+    if not (plan is not None and plan.fused_qkv and all(type(m) is Linear for m in layers)
+            and query.onednn_ready(hidden_states) and key.weight.dtype == value.weight.dtype == query.weight.dtype):
+        return query(hidden_states), key(hidden_states), value(hidden_states)
+    cache_key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in layers) + tuple(
+        None if m.bias is None else (m.bias.data_ptr(), m.bias._version) for m in layers)
+    if query._qkv_packed is None or query._qkv_key != cache_key:
+        weight = torch.cat([m.weight.detach() for m in layers])  # (3 * all_head, hidden)
+        bias = None if query.bias is None else torch.cat([
+            m.bias.detach() if m.bias is not None else torch.zeros_like(query.bias) for m in layers])
+        query._qkv_packed = (torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
+        query._qkv_key = cache_key
+    packed, bias = query._qkv_packed
+    fused = torch.ops.mkldnn._linear_pointwise(hidden_states, packed, bias, "none", [], "")  # (batch, tokens, 3 * all_head)
+    return fused.chunk(3, dim=-1)
 
 
 def bicubic_matrix(in_size: int, out_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -291,14 +376,8 @@ class PatchProjection(nn.Conv2d):
         return super().train(mode)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not (
-            not self.training
-            and not torch.is_grad_enabled()
-            and pixel_values.dtype in _ONEDNN_DTYPES
-            and pixel_values.dtype == self.weight.dtype
-            and pixel_values.device.type == "cpu"
-            and not tracing()
-        ):
+        if not (not self.training and pixel_values.dtype == self.weight.dtype and _cpu_inference(pixel_values)
+                and onednn_gemm(pixel_values.dtype)):
             return super().forward(pixel_values)
         batch_size, channels, height, width = pixel_values.shape
         ph, pw = self.kernel_size
@@ -346,19 +425,21 @@ def dense_dropout_residual(dense: Linear, dropout: nn.Dropout, hidden_states: to
 
 def splits_batch(hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool,
                  output_hidden_states: bool, training: bool) -> bool:
-    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): CPU
-    inference (eval, autograd off, not compiled or traced) of more than INFERENCE_CHUNK_ROWS
-    token rows, no head mask and no per-layer outputs. Never while traced (checked first, so a
-    symbolic batch size is not compared)."""
+    """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): the plan's
+    ``sub_batches``, CPU inference (eval, autograd off, not compiled or traced) of more than
+    INFERENCE_CHUNK_ROWS token rows, no head mask and no per-layer outputs. Never while traced
+    (checked first, so a symbolic batch size is not compared)."""
     if tracing():
         return False
     batch_size, tokens = hidden_states.shape[:2]
+    plan = speed_plan(hidden_states.dtype)
     return (
-        batch_size * tokens > INFERENCE_CHUNK_ROWS
+        plan is not None
+        and plan.sub_batches
+        and batch_size * tokens > INFERENCE_CHUNK_ROWS
         and batch_size > 1
         and not training
-        and not torch.is_grad_enabled()
-        and hidden_states.device.type == "cpu"
+        and _cpu_inference(hidden_states)
         and head_mask is None
         and not output_attentions
         and not output_hidden_states

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vit_core import validation
+from vit_core import cpu, validation
 from vit_core.config import ViTConfig
 from vit_core.options import ATTN_IMPLEMENTATIONS, dtype_name, flag, resolve_attn_implementation  # noqa: F401
 from vit_core.weights import Task, WeightSpec, weight_table
@@ -34,6 +34,7 @@ from .layers import (
     get_activation,
     layer_norm,
     patch_projection,
+    qkv_projection,
     resample_position_grid,
     run_in_sub_batches,
     splits_batch,
@@ -143,9 +144,10 @@ class ViTSelfAttention(nn.Module):
         """
         batch_size, tokens, _ = hidden_states.shape
         new_shape = (batch_size, tokens, self.num_attention_heads, self.attention_head_size)
-        query = self.query(hidden_states).view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
-        key = self.key(hidden_states).view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
-        value = self.value(hidden_states).view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+        query, key, value = qkv_projection(self.query, self.key, self.value, hidden_states)  # each (batch, tokens, hidden)
+        query = query.view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+        key = key.view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+        value = value.view(new_shape).transpose(1, 2)  # (batch, heads, tokens, head_dim)
         dropout_p = self.dropout_prob if self.training else 0.0
         attention_probs: torch.Tensor | None = None
         if eager or head_mask is not None:
@@ -157,15 +159,18 @@ class ViTSelfAttention(nn.Module):
 
 
 class ViTSelfOutput(nn.Module):
-    """Output projection of the attention; the residual is added in ViTLayer (pre-norm block)."""
+    """Output projection of the attention; ViTLayer passes the block's input as ``residual`` (pre-norm
+    block), added inside the GEMM on the oneDNN inference path (layers.dense_dropout_residual)."""
 
     def __init__(self, hidden_size: int, dropout_prob: float) -> None:
         super().__init__()
         self.dense = Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))  # (batch, tokens, hidden)
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return self.dropout(self.dense(hidden_states))  # (batch, tokens, hidden)
+        return dense_dropout_residual(self.dense, self.dropout, hidden_states, residual)
 
 
 class ViTAttention(nn.Module):
@@ -178,10 +183,12 @@ class ViTAttention(nn.Module):
         self.output = ViTSelfOutput(hidden_size, hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, eager: bool = False
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, eager: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``residual`` (batch, tokens, hidden), when given, is added to the output projection."""
         context, attention_probs = self.attention(hidden_states, head_mask, eager)
-        return self.output(context), attention_probs  # (batch, tokens, hidden), probabilities or None
+        return self.output(context, residual), attention_probs  # (batch, tokens, hidden), probabilities or None
 
 
 class ViTIntermediate(nn.Module):
@@ -226,8 +233,9 @@ class ViTLayer(nn.Module):
         self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, eager: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(batch, tokens, hidden) -> (batch, tokens, hidden), attention probabilities or None."""
-        attention_output, attention_probs = self.attention(self.layernorm_before(hidden_states), head_mask, eager)
-        hidden_states = attention_output + hidden_states  # first residual
+        # first residual, added inside the output projection's GEMM on the oneDNN inference path
+        hidden_states, attention_probs = self.attention(self.layernorm_before(hidden_states), head_mask, eager,
+                                                        residual=hidden_states)
         layer_output = self.intermediate(self.layernorm_after(hidden_states))
         layer_output = self.output(layer_output, hidden_states)  # second residual
         return layer_output, attention_probs
@@ -337,6 +345,8 @@ class ViTPreTrainedModel(nn.Module):
         weights_io.init_weights(self, self.canonical_table(), self.config.initializer_range, skip_prefix=skip)
         if target_dtype != torch.float32:
             self.to(target_dtype)
+        if target_dtype == torch.bfloat16:
+            cpu.warn_if_emulated("torch", "bfloat16")  # once: bf16 without AMX / avx512_bf16 is slower than float32
 
     def canonical_table(self) -> list[WeightSpec]:
         """The canonical weight table of this model (names equal ``state_dict()`` keys)."""
