@@ -366,6 +366,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _machine() -> dict[str, Any]:
+    """The CPU model and ISA summary (vit_core.cpu), as benchmarks.run records them."""
+    from vit_core import cpu
+
+    features = cpu.cpu_features()
+    return {"cpu": features.model, "host": features.describe(), "cpu_features": features.summary()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -389,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_checkpoint(args.model)
     report: dict[str, Any] = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
                               "workers": args.workers, "threads": args.threads, "cpus": os.cpu_count(),
+                              "machine": _machine(),
                               "load_average_at_start": list(os.getloadavg()), "entries": {}}
     for name in only:
         print(f"[predict-bench] {name} ...", file=sys.stderr, flush=True)

@@ -764,10 +764,13 @@ def _check_quantize(quantize: str | None, calibration: Any, format: str) -> None
 
 def _quantize(temp: pathlib.Path, model_path: pathlib.Path, quantize: str, calibration: Any, config: ViTConfig,
               out_dir: pathlib.Path) -> pathlib.Path:
-    from . import quantize as quantizer  # written by the int8 work (conversion/quantize.py)
+    from . import quantize as quantizer
 
-    written = quantizer.quantize_exported(model_path, method=quantize, calibration=calibration, config=config)
-    return out_dir / pathlib.Path(written).relative_to(temp)
+    engine = "openvino" if model_path.suffix == ".xml" else "onnxruntime"
+    target = model_path.with_name(f"model.{quantize}{model_path.suffix}")
+    quantizer.quantize_exported(model_path, target, mode=quantize, engine=engine, calibration=calibration,
+                                preprocessor=temp)
+    return out_dir / target.relative_to(temp)
 
 
 def _write(format: str, framework: str, model: Any, model_path: pathlib.Path, opset: int | None,  # noqa: A002

@@ -213,3 +213,27 @@ def test_cli_refuses_a_missing_calibration_directory(trained, tmp_path: pathlib.
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("vitx: error:") and "missing" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt,mode", [("onnx", "int8-static"), ("openvino", "int8-dynamic")])
+def test_cli_export_quantize_writes_an_int8_model_beside_the_float_one(fmt: str, mode: str, trained, held_out: np.ndarray,
+                                                                      tmp_path: pathlib.Path) -> None:
+    """``vitx export --quantize``: OUT_DIR keeps the validated float32 model and adds
+    ``model.<mode>.<suffix>``, calibrated through the checkpoint's image processor, which agrees with
+    the float32 model on the held-out images as the engine tests require."""
+    pytest.importorskip("onnxscript")
+    if fmt == "openvino":
+        pytest.importorskip("nncf")
+    from conversion.quantize import run_exported
+
+    out = tmp_path / "out"
+    extra = ["--calibration", str(trained["photos"])] if mode == "int8-static" else []
+    assert main(["export", str(trained["checkpoint"]), str(out), "--format", fmt, "--quantize", mode, "--quiet",
+                 *extra]) == 0
+    suffix = ".onnx" if fmt == "onnx" else ".xml"
+    float_file, int8_file = out / f"model{suffix}", out / f"model.{mode}{suffix}"
+    assert float_file.is_file() and int8_file.is_file()
+    assert {"config.json", "preprocessor_config.json", "export.json"} <= {p.name for p in out.iterdir()}
+    result = check(f"vitx export --format {fmt} --quantize {mode}", run_exported(float_file, held_out),
+                   run_exported(int8_file, held_out))
+    assert result["max_abs_diff"] > 1e-4
