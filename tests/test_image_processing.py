@@ -531,3 +531,21 @@ def test_import_pulls_in_no_framework() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("shape,mean,std", [((224, 224, 3), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]),
+                                            ((7, 13, 3), 0.5, 0.5), ((9, 5, 1), [0.1], [0.7])])
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_fused_rescale_normalize_is_bit_identical_to_the_two_steps(shape, mean, std, channels_first) -> None:
+    """The processors' uint8 fast path (one float32 buffer) equals rescale() then normalize() (then the
+    transpose) bit for bit, so the pixels stay transformers' exactly."""
+    from vit_core.image_transforms import normalize, rescale, rescale_normalize_uint8
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    expected = normalize(rescale(image, 1 / 255), mean, std)
+    expected = expected.transpose(2, 0, 1) if channels_first else expected
+    got = rescale_normalize_uint8(image, 1 / 255, mean, std, channels_first)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="uint8"):
+        rescale_normalize_uint8(image.astype(np.float32), 1 / 255, mean, std, channels_first)

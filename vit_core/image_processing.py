@@ -45,6 +45,7 @@ from .image_transforms import (  # noqa: F401  (re-exported: the processors' pub
     ImageInput,
     ImageLike,
     center_crop,
+    rescale_normalize_uint8,
     infer_channel_dimension_format,
     normalize,
     prepare_image,
@@ -525,7 +526,9 @@ def resolve_preprocessor_config(
 
 # --------------------------------------------------------------------------------------------- slow path
 def _process_one(image: np.ndarray, options: ProcessingOptions) -> np.ndarray:
-    """(H, W, C) -> (height, width, C) float32 through resize, center crop, rescale, normalize."""
+    """(H, W, C) -> float32 through resize, center crop, rescale, normalize, in ``options.data_format``
+    ((C, height, width) for channels_first, else (height, width, C))."""
+    channels_first = options.data_format == CHANNELS_FIRST
     if options.do_resize:
         height, width = resize_output_size(image.shape[0], image.shape[1], options.size)
         pixels, scaled_up = to_uint8_for_resize(image)
@@ -534,11 +537,15 @@ def _process_one(image: np.ndarray, options: ProcessingOptions) -> np.ndarray:
             image = rescale(image, 1 / 255)
     if options.crop_size is not None:
         image = center_crop(image, options.crop_size["height"], options.crop_size["width"])
+    if options.do_rescale and options.do_normalize and image.dtype == np.uint8 and image.ndim == 3:
+        return rescale_normalize_uint8(image, options.rescale_factor, options.image_mean, options.image_std,
+                                       channels_first)
     if options.do_rescale:
         image = rescale(image, options.rescale_factor)
     if options.do_normalize:
         image = normalize(image, options.image_mean, options.image_std)
-    return image.astype(np.float32, copy=False)
+    image = image.astype(np.float32, copy=False)
+    return image.transpose(2, 0, 1) if channels_first else image
 
 
 def _preprocess_slow(
@@ -546,8 +553,6 @@ def _preprocess_slow(
 ) -> BatchFeature:
     """The slow processors' common body: prepare, process each image, stack, convert."""
     processed = [_process_one(image, options) for image in processor._prepare(images, options)]
-    if options.data_format == CHANNELS_FIRST:
-        processed = [image.transpose(2, 0, 1) for image in processed]
     if len({image.shape for image in processed}) == 1:
         pixel_values: np.ndarray | list[np.ndarray] = np.ascontiguousarray(np.stack(processed))
     else:
