@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "load_average_at_start": load_average(),
                     # the CPU model and ISA summary (vit_core.cpu): results of different host kinds never mix
                     "cpu_features": features.summary(), "host": features.describe(),
-                    "plans": {fw: {d: cpu.select_paths(features, fw, d).as_dict() for d in dtypes}
+                    "plans": {fw: {d: cpu.select_paths(features, fw, d).as_dict() for d in dtypes if d in cpu.DTYPES}
                               for fw in cpu.FRAMEWORKS}},
         "settings": {"quick": quick, "models": models, "batches": batches, "dtypes": dtypes,
                      "threads": args.threads, "passes": args.passes, "min_runs": min_runs, "min_time_s": min_time,

@@ -76,7 +76,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     if entry.vitx:  # the speed paths vit_core.cpu chose on this CPU (vitx entries run in the main venv)
         from vit_core import cpu
 
-        result["plan"] = cpu.current_plan(entry.framework, args.dtype).as_dict()
+        if args.dtype in cpu.DTYPES:  # int8 rows: their float layers take the float32 plan's paths
+            result["plan"] = cpu.current_plan(entry.framework, args.dtype).as_dict()
     result.update(logits_check(logits, args.model))
     return result
 

@@ -833,3 +833,20 @@ def oracle_outputs(oracle: Oracle, case: Case) -> dict[str, Any]:
 
 
 ORACLE_CASES = [(oracle, case) for oracle in ORACLES for case in CASES if oracle.supports(case)]
+
+
+def import_blocker(*packages: str) -> str:
+    """Python source that makes ``packages`` (top-level names) unimportable in a subprocess: a
+    meta-path finder raises ImportError for them, whatever sys.path holds. Unlike
+    ``sys.modules[name] = None`` it leaves no None entry behind for libraries that probe
+    ``sys.modules`` (scipy's array-API helpers do, and crash on it)."""
+    return (
+        "import sys\n"
+        "class _Blocked:\n"
+        f"    names = {tuple(packages)!r}\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.names:\n"
+        "            raise ImportError(name + ' must not be imported here')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Blocked())\n"
+    )

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.cases import TINY, seeded_state
+from tests.backends import import_blocker
 from vit_core import ViTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,15 +33,7 @@ needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None
 
 # Runs in a subprocess: vitx's packages cannot be imported there (a meta-path finder refuses them,
 # whatever sys.path holds), so the exported file is all that runs.
-NO_VITX = """
-import sys
-class _NoVitx:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("vit_core", "vit_torch", "vit_tf", "vit_flax", "conversion", "tests"):
-            raise ImportError("vitx must not be imported here: " + name)
-        return None
-sys.meta_path.insert(0, _NoVitx())
-"""
+NO_VITX = import_blocker("vit_core", "vit_torch", "vit_tf", "vit_flax", "conversion", "tests")
 
 
 def _config(**overrides: object) -> ViTConfig:

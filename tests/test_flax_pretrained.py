@@ -40,6 +40,7 @@ from vit_flax import (  # noqa: E402
 )
 
 from .cases import TINY  # noqa: E402
+from .backends import import_blocker  # noqa: E402
 
 SMALL = TOLERANCES["small"]
 BASE_REAL = TOLERANCES["base_real_images"]
@@ -197,7 +198,7 @@ def test_pytorch_bin_loads_without_torch(tmp_path: pathlib.Path, transformers: A
     config, state = seeded_state("classification")
     their_pt_model(transformers, "classification", config, state).save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "pytorch_model.bin").exists()
-    code = ("import sys; sys.modules['torch'] = None\n"
+    code = (import_blocker("torch") +
             "import numpy as np, vit_flax\n"
             f"m = vit_flax.FlaxViTForImageClassification.from_pretrained({str(tmp_path)!r})\n"
             "s = vit_flax.canonical_state(m)\n"

@@ -99,6 +99,29 @@ def test_packed_weight_cache_follows_weight_changes() -> None:
     assert "_packed" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
 
 
+def test_a_model_that_ran_inference_deepcopies_and_pickles() -> None:
+    """The prepacked weights (per Linear, the fused q/k/v, the patch projection) are opaque oneDNN
+    tensors: copy.deepcopy (EMA copies, quantization) and torch.save(model) leave them behind, and
+    the copy packs its own on first use, with the same logits."""
+    import copy
+    import io
+
+    model, _ = classifier()
+    x = torch.from_numpy(make_inputs(CASE)["pixel_values"])
+    with torch.inference_mode():
+        expected = model(x).logits
+    assert any(getattr(m, "_packed", None) is not None for m in model.modules())
+    copied = copy.deepcopy(model)
+    assert all(getattr(m, "_packed", None) is None and getattr(m, "_qkv_packed", None) is None
+               for m in copied.modules())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own bytes, written just above
+    with torch.inference_mode():
+        assert torch.equal(copied(x).logits, expected) and torch.equal(loaded(x).logits, expected)
+
+
 def test_training_and_autograd_use_plain_linear() -> None:
     layer = torch_layers.Linear(16, 8)
     x = torch.randn(4, 16)

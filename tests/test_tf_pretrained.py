@@ -35,6 +35,7 @@ from vit_tf import (  # noqa: E402
 )
 
 from .cases import Case, make_inputs, make_state  # noqa: E402
+from .backends import import_blocker  # noqa: E402
 
 SMALL = TOLERANCES["small"]
 BASE_REAL = TOLERANCES["base_real_images"]
@@ -155,7 +156,7 @@ def test_pytorch_bin_loads_without_torch(tmp_path: pathlib.Path) -> None:
     transformers_pt(CLS).save_pretrained(tmp_path, safe_serialization=False)
     np.save(tmp_path / "x.npy", make_inputs(CLS)["pixel_values"])
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        import_blocker("torch") +
         "import numpy as np, vit_tf\n"
         f"m = vit_tf.TFViTForImageClassification.from_pretrained({str(tmp_path)!r})\n"
         f"np.save({str(tmp_path / 'logits.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})).logits.numpy())\n"

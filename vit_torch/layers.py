@@ -127,7 +127,21 @@ def _cpu_inference(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.device.type == "cpu" and not tracing()
 
 
-class Linear(nn.Linear):
+class _PackedWeightCache:
+    """The oneDNN prepacked weights a layer keeps are a cache of opaque tensors that cannot be
+    copied or pickled: ``copy.deepcopy(model)`` and ``pickle`` / ``torch.save(model)`` leave them out
+    (the copy packs its own weights on its first inference call)."""
+
+    _CACHE_FIELDS: tuple[str, ...] = ("_packed", "_packed_key")
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        for name in self._CACHE_FIELDS:
+            state.pop(name, None)
+        return state
+
+
+class Linear(_PackedWeightCache, nn.Linear):
     """nn.Linear whose inference forward runs oneDNN's GEMM on a prepacked weight (issue #6).
 
     In eval mode with autograd off (``torch.inference_mode()`` / ``torch.no_grad()``), on CPU, in
@@ -148,6 +162,7 @@ class Linear(nn.Linear):
     # query Linear of an attention block only: the packed (query; key; value) weight, see qkv_projection
     _qkv_packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _qkv_key: tuple | None = None
+    _CACHE_FIELDS = ("_packed", "_packed_key", "_qkv_packed", "_qkv_key")
 
     def train(self, mode: bool = True) -> Linear:
         """Also drops the packed copies: a fused optimizer step (transformers' Trainer default,
@@ -274,6 +289,14 @@ def attention_per_image(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return context
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on ``module`` or on every module."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_mod._global_forward_hooks
+                or module_mod._global_forward_pre_hooks)
+
+
 def qkv_projection(query: Linear, key: Linear, value: Linear, hidden_states: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The query, key and value projections of ``hidden_states`` (batch, tokens, hidden), each
@@ -287,8 +310,9 @@ def qkv_projection(query: Linear, key: Linear, value: Linear, hidden_states: tor
     """
     plan = speed_plan(hidden_states.dtype)
     layers = (query, key, value)
-    # exactly this Linear (a subclass, such as a quantized one, keeps its own forward)
-    if not (plan is not None and plan.fused_qkv and all(type(m) is Linear for m in layers)
+    # exactly this Linear (a subclass, such as a quantized one, keeps its own forward), and no hooks on
+    # the three (a forward hook, e.g. int8 calibration's observer or a user's, must see its own call)
+    if not (plan is not None and plan.fused_qkv and all(type(m) is Linear and not _hooked(m) for m in layers)
             and query.onednn_ready(hidden_states) and key.weight.dtype == value.weight.dtype == query.weight.dtype):
         return query(hidden_states), key(hidden_states), value(hidden_states)
     cache_key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in layers) + tuple(
@@ -356,7 +380,7 @@ def resample_position_grid(patch_pos_embed: torch.Tensor, grid_hw: tuple[int, in
     return resampled.reshape(1, out_h * out_w, dim).to(patch_pos_embed.dtype)
 
 
-class PatchProjection(nn.Conv2d):
+class PatchProjection(_PackedWeightCache, nn.Conv2d):
     """The patch convolution (kernel = stride = patch size); in inference on oneDNN, one matmul.
 
     Patches do not overlap, so the convolution is a GEMM of the (batch * patches, C * ph * pw)

@@ -23,7 +23,7 @@ from torch import nn
 
 from vit_core.quantization import calibration_pixels, resolve_skip
 
-from .layers import _ONEDNN_POST_OPS, Linear, PatchProjection
+from .layers import _ONEDNN_POST_OPS, Linear
 
 # module name -> role (vit_core.quantization.ROLES)
 _ROLE_PATTERNS = [
@@ -148,12 +148,8 @@ def _targets(model: nn.Module, skip: Iterable[str] | str | None) -> dict[str, nn
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``. The prepacked oneDNN weights of the float Linear layers and the
-    patch projection are opaque tensors that cannot be copied: a cache, dropped first (rebuilt on
-    the next inference call)."""
-    for module in model.modules():
-        if isinstance(module, (Linear, PatchProjection)):
-            module._packed, module._packed_key = None, None
+    """A deep copy of ``model`` (the layers' prepacked oneDNN weights, a cache, stay behind: see
+    vit_torch.layers._PackedWeightCache)."""
     return copy.deepcopy(model)
 
 
