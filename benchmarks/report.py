@@ -231,7 +231,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines += [f"### ViT-{model} {dtype}", "",
                           "| entry | " + " | ".join(f"batch {b}" for b in batches) + " |",
                           "|---|" + "---:|" * len(batches)]
-                for fw in ("torch", "tf", "flax"):
+                for fw in ("torch", "tf", "flax", "engine"):  # engine: ONNX Runtime / OpenVINO rows (issue #13)
                     names = [n for n in settings["entries"] if any(c["entry"] == n and c.get("framework") == fw for c in cells)]
                     for name in names:
                         row = [f"**{name}**" if name.startswith("vitx") else name]
@@ -307,6 +307,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _cell(cell: dict[str, Any] | None, max_foreign: float = 0.3) -> str:
     if cell is None:
         return ""
+    if cell.get("unsupported"):  # an engine row asked for a precision it does not run
+        return "n/a"
     if "error" in cell:
         return "error"
     parts = [f"{cell['images_per_s']:.2f}"]
