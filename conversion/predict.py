@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import pathlib
 import time
@@ -32,6 +33,8 @@ import numpy as np
 
 # Folder walks take files with these extensions (lower-cased); a file named on the command line or
 # in a list file is read whatever its name (a non-image file gets an error row).
+logger = logging.getLogger("vitx")
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                               ".pbm", ".jfif"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
@@ -91,15 +94,33 @@ def check_inputs(inputs: Sequence[str]) -> None:
             raise FileNotFoundError(f"input {item} does not exist")
 
 
-def _walk(folder: str) -> Iterator[str]:
-    """Image files under ``folder``, recursively, entries sorted by name in every directory."""
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
+def _walk(folder: str, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+    """Image files under ``folder``, recursively, entries sorted by name in every directory.
+
+    A symlinked directory is followed, but each directory (by device and inode) is walked once, so
+    a link back up the tree cannot loop; a directory that cannot be listed is yielded as an input of
+    its own, so it gets an error row instead of stopping the run."""
+    seen = set() if seen is None else seen
+    try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning("%s: a directory already walked (a symlink loop or a second link): skipped", folder)
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        yield folder
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
-            yield from _walk(entry.path)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(entry.path, seen)
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
             yield entry.path
 

@@ -373,3 +373,31 @@ def test_multi_label_scores_are_sigmoids_as_the_pipeline(tmp_path: pathlib.Path,
         assert [label for label, _ in row["top_k"]] == [p["label"] for p in expected]
         np.testing.assert_allclose([s for _, s in row["top_k"]], [p["score"] for p in expected], rtol=0, atol=1e-6)
         assert sum(s for _, s in row["top_k"]) > 1.0  # five sigmoids, not a softmax
+
+
+def test_folder_walk_survives_symlink_loops_and_unlistable_folders(tmp_path: pathlib.Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A symlink back up the tree is not walked twice (no endless recursion); a symlinked data folder
+    outside the tree is followed once; a folder that cannot be listed becomes an input of its own
+    (an error row), not a crash; the order stays sorted per folder."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    for path in (root / "a" / "x.jpg", root / "b.png", outside / "y.jpg"):
+        path.write_bytes(b"not decoded here")
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "c-data").symlink_to(outside, target_is_directory=True)
+    (root / "d-again").symlink_to(outside, target_is_directory=True)
+    walked = list(iter_inputs([str(root)]))
+    assert walked == [str(root / "a" / "x.jpg"), str(root / "b.png"), str(root / "c-data" / "y.jpg")]
+    locked = root / "e-locked"
+    locked.mkdir()
+    scandir = os.scandir
+
+    def refusing(path: Any) -> Any:  # chmod 0 does not stop root: refuse the listing here instead
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    assert list(iter_inputs([str(root)])) == walked + [str(locked)]
