@@ -78,9 +78,12 @@ class Parallel:
         self._distributed = coordinator_address is not None
         if self._distributed:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+            # a task is declared dead after heartbeat_timeout_seconds without a heartbeat: never below
+            # jax's own default (100 s), since on a machine with fewer cores than busy processes the
+            # heartbeats of healthy tasks were seen to lapse for 60 s (both tasks "unhealthy", aborted)
             jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                        initialization_timeout=max(1, int(timeout)),
-                                       heartbeat_timeout_seconds=max(10, int(timeout)))
+                                       heartbeat_timeout_seconds=max(100, int(timeout)))
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.array(devices), ("data",))
         self.rank, self.processes = jax.process_index(), jax.process_count()
