@@ -215,23 +215,31 @@ def _TorchServing(model: Any, names: Sequence[str], interpolate: bool) -> Any:  
 
 
 @contextlib.contextmanager
-def _quiet_torch_onnx() -> Iterator[None]:
-    """torch.onnx's dynamo exporter prints progress lines and warns about torchvision ops it skips."""
+def _quieted(logger_names: Sequence[str], *, stdout: bool = False) -> Iterator[None]:
+    """The named loggers at ERROR (restored after); with ``stdout`` also printed lines and warnings dropped."""
     import io
     import warnings
 
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._export")
-    loggers = [logging.getLogger(n) for n in names]
+    loggers = [logging.getLogger(n) for n in logger_names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        if stdout:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                yield
+        else:
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _quiet_torch_onnx() -> contextlib.AbstractContextManager[None]:
+    """torch.onnx's dynamo exporter prints progress lines and warns about torchvision ops it skips."""
+    return _quieted(("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._export"),
+                    stdout=True)
 
 
 def _onnx_from_tf(model: Any, path: pathlib.Path, opset: int, dynamic_size: bool, names: list[str]) -> None:
@@ -250,20 +258,9 @@ def _onnx_from_tf(model: Any, path: pathlib.Path, opset: int, dynamic_size: bool
         output = model(pixel_values, training=False)
         return {name: tf.cast(getattr(output, name), tf.float32) for name in names}
 
-    with _quiet_tf2onnx():
+    with _quieted(("tf2onnx",)):
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=opset)
     _finish_onnx(proto, path, names)
-
-
-@contextlib.contextmanager
-def _quiet_tf2onnx() -> Iterator[None]:
-    tf2onnx_logger = logging.getLogger("tf2onnx")
-    level = tf2onnx_logger.level
-    tf2onnx_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        tf2onnx_logger.setLevel(level)
 
 
 def _onnx_from_flax(model: Any, path: pathlib.Path, opset: int, dynamic_size: bool, names: list[str]) -> None:
