@@ -64,6 +64,8 @@ def torch_rates(shapes: list[tuple[int, int, int]], min_time_s: float) -> list[d
             with torch.inference_mode():
                 out.append(dict(method="linear", dtype=dtype_name, shape=[m, k, n],
                                 gflops=rate(lambda: F.linear(x, w, b), flops, min_time_s)))
+                if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                    continue  # oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: not on AVX2
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
                 out.append(dict(method="mkldnn_prepacked", dtype=dtype_name, shape=[m, k, n], gflops=rate(
                     lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), flops, min_time_s)))

@@ -38,12 +38,22 @@ def main(argv: list[str] | None = None) -> dict[str, float | int | str]:
     args = parser.parse_args(argv)
 
     import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:  # called in-process (the tests do): give the caller its thread count back, or its later GEMMs round differently
+        return _measure(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(args: argparse.Namespace) -> dict[str, float | int | str]:
+    import torch
     import torch.nn.functional as F
 
     from vit_core import ViTConfig
     from vit_torch.layers import eager_attention, fused_attention
 
-    torch.set_num_threads(args.threads)
     config = ViTConfig.from_variant(args.variant, image_size=args.image_size)
     if args.paths:
         return _paths(args, config)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_core.cpu import cpu_features, int8_dot_saturates
 from vit_core.quantization import calibration_pixels, check_mode, layer_roles, load_processor, resolve_skip
 
 ENGINES = ("onnxruntime", "openvino")
@@ -157,8 +158,10 @@ def _quantize_onnxruntime(source: pathlib.Path, out: pathlib.Path, mode: str, sk
         raise ValueError(f"skip={sorted(skipped)} leaves no layer to quantize")
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    # reduce_range: 7-bit weights where the CPU's u8 x s8 kernel adds product pairs in saturating
+    # int16 (vit_core.cpu.int8_dot_saturates: x86 without VNNI)
     common = dict(op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=selected, per_channel=True,
-                  weight_type=QuantType.QInt8)
+                  weight_type=QuantType.QInt8, reduce_range=int8_dot_saturates(cpu_features()))
     with _without_preprocessing_advice():
         if mode == "int8-dynamic":
             quantize_dynamic(str(source), str(out), **common)
@@ -223,12 +226,16 @@ def _quantize_openvino(source: pathlib.Path, out: pathlib.Path, mode: str, skipp
     else:
         targets = {name for name, role in linear if role not in skipped}
         # everything but the selected Linear layers stays float: the patch embedding convolution,
-        # the attention's activation matmuls and the skipped roles
+        # the attention's activation matmuls (MatMul, or the fused ScaledDotProductAttention op the
+        # opset-23 Attention becomes, whose query / key NNCF would otherwise quantize) and the
+        # skipped roles
         others = [op.get_friendly_name() for op in model.get_ordered_ops()
-                  if op.get_type_name() in ("MatMul", "Convolution") and op.get_friendly_name() not in targets]
+                  if op.get_type_name() in ("MatMul", "Convolution", "ScaledDotProductAttention")
+                  and op.get_friendly_name() not in targets]
         from nncf.quantization.advanced_parameters import (
             AdvancedQuantizationParameters,
             AdvancedSmoothQuantParameters,
+            OverflowFix,
         )
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
@@ -236,9 +243,12 @@ def _quantize_openvino(source: pathlib.Path, out: pathlib.Path, mode: str, skipp
         # MinMax), and no SmoothQuant. NNCF's transformer defaults (the mean of per-image min /
         # max, SmoothQuant on the MatMuls) measured far worse on the fine-tuned test model:
         # logit cosine min 0.986 against 0.99992 (docs/int8.md).
+        # overflow fix on every layer where the CPU's int8 kernel saturates (x86 without VNNI:
+        # vit_core.cpu.int8_dot_saturates), NNCF's default (the first layer only) elsewhere
         advanced = AdvancedQuantizationParameters(
             activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
+            overflow_fix=OverflowFix.ENABLE if int8_dot_saturates(cpu_features()) else None)
         dataset = nncf.Dataset([pixels[i:i + 1] for i in range(len(pixels))])
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels),
                                   ignored_scope=nncf.IgnoredScope(names=others, validate=False),

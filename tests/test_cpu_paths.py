@@ -186,6 +186,23 @@ def test_select_paths_is_pure_and_checks_its_arguments() -> None:
     assert record["attention"] == "matmul_per_image" and record["isa"] == "avx512_bf16"
 
 
+@pytest.mark.parametrize("text, saturates", [
+    ("avx2", True),  # vpmaddubsw: u8 x s8 pairs in saturating int16
+    ("avx2 avx512f avx512bw avx512vl avx512dq", True),  # Skylake-X: AVX-512 without VNNI
+    ("avx512", False),  # the level includes avx512_vnni (Cascade Lake and later, Zen 4)
+    ("avx2 avx_vnni", False),  # Alder Lake's VEX VNNI
+    ("avx512_bf16", False),
+    ("amx", False),
+    ("none", True),  # an x86 CPU with no known flag: the safe range
+    ("arch=aarch64", False),  # arm's sdot / udot accumulate in int32
+])
+def test_int8_weight_range_per_cpu(text: str, saturates: bool) -> None:
+    features = cpu.parse_override(text)
+    assert cpu.int8_dot_saturates(features) is saturates
+    assert cpu.int8_weight_max(features) == (63 if saturates else 127)
+    assert 2 * 255 * cpu.int8_weight_max(features) <= 32767 or not saturates  # no int16 pair overflows
+
+
 def test_emulated_bfloat16_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu, "_WARNED", set())
     monkeypatch.setenv(cpu.ENV_VAR, "avx512")

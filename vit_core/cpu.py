@@ -50,6 +50,7 @@ _LEVEL_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512_bf16": ("avx512_bf16",),
     "amx": ("amx_bf16", "amx_tile", "amx_int8"),
 }
+_X86_ARCHS = ("x86_64", "amd64", "x86", "i686", "i386")
 _LEVEL_ORDER = ("avx2", "avx512", "avx512_bf16", "amx")  # low to high
 
 
@@ -95,7 +96,7 @@ def isa_level(flags: frozenset[str] | set[str], arch: str = "x86_64") -> str:
     """The highest ISA level of :data:`ISA_LEVELS` whose flags are all present ("other" for
     non-x86 CPUs and x86 ones without AVX2 + FMA). AMX needs amx_bf16 and amx_tile (and AVX-512
     beneath it); avx512 needs F, BW, VL and DQ (what oneDNN's bf16 and torch's AVX512 kernels use)."""
-    if arch.lower() not in ("x86_64", "amd64", "x86", "i686", "i386"):
+    if arch.lower() not in _X86_ARCHS:
         return "other"
     has = set(flags)
     avx2 = {"avx2", "fma"} <= has
@@ -237,6 +238,33 @@ def bf16_native(features: CPUFeatures) -> bool:
     """Whether the CPU multiplies bfloat16 in hardware: AMX or avx512_bf16 on x86, the BF16
     extension ("bf16" in /proc/cpuinfo Features) on arm64."""
     return features.isa in ("amx", "avx512_bf16") or (features.isa == "other" and "bf16" in features.flags)
+
+
+# flags of an x86 int8 dot product that accumulates u8 x s8 products straight into int32
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT8_WEIGHT_MAX_FULL = 127
+INT8_WEIGHT_MAX_REDUCED = 63
+
+
+def int8_dot_saturates(features: CPUFeatures) -> bool:
+    """Whether this CPU's uint8 x int8 GEMM kernels (oneDNN, ONNX Runtime's MLAS, OpenVINO) saturate.
+
+    Without VNNI (AVX2, AVX-512 before Cascade Lake) they multiply with ``vpmaddubsw``, which adds
+    each pair of u8 x s8 products into a *saturating int16*: 2 x 255 x 127 = 64,770 overflows
+    32,767. Measured on an AVX2 AMD EPYC: one 256 -> 64 Linear off exact integer arithmetic by
+    0.30 (the whole of its int8 error), the fine-tuned test ViT's worst-image logit cosine 0.9950
+    against float32. With weights in [-63, 63] (2 x 255 x 63 = 32,130) the kernel is exact again
+    (2e-7). VNNI (``vpdpbusd``), AMX and arm's dot products accumulate in int32. x86 only."""
+    if features.arch.lower() not in _X86_ARCHS:
+        return False
+    return not any(flag in features.flags for flag in _INT8_DOT_FLAGS)
+
+
+def int8_weight_max(features: CPUFeatures | None = None) -> int:
+    """The largest int8 weight magnitude to quantize to on this CPU (or ``features``): 127, or 63
+    where :func:`int8_dot_saturates` (ONNX Runtime's ``reduce_range``, NNCF's overflow fix)."""
+    features = cpu_features() if features is None else features
+    return INT8_WEIGHT_MAX_REDUCED if int8_dot_saturates(features) else INT8_WEIGHT_MAX_FULL
 
 
 def select_paths(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vit_core import cpu
 from vit_core.quantization import calibration_pixels, resolve_skip
 
 from .layers import _ONEDNN_POST_OPS, Linear
@@ -57,7 +58,9 @@ def _uint8_params(low: float, high: float) -> tuple[float, int]:
 class QuantizedLinear(nn.Module):
     """An int8 Linear with vit_torch Linear's call interface (``post_op``, ``residual``).
 
-    Weight (out_features, in_features) int8 with per-output-channel scales ``weight_scale``; the
+    Weight (out_features, in_features) int8 with per-output-channel scales ``weight_scale``, in
+    [-127, 127], or [-63, 63] (``weight_max``) on a CPU without VNNI, whose int8 GEMM would
+    saturate (vit_core.cpu.int8_dot_saturates); the
     bias stays float32. ``input_scale`` / ``input_zero_point``: the static uint8 quantization of
     the input, or None to compute it from every input (dynamic).
     """
@@ -66,9 +69,12 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = weight.abs().amax(dim=1) / 127.0
+        # [-127, 127], or [-63, 63] on a CPU whose int8 GEMM adds product pairs in saturating int16
+        self.weight_max = cpu.int8_weight_max()
+        scale = weight.abs().amax(dim=1) / float(self.weight_max)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("weight_int8", torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8))
+        self.register_buffer("weight_int8", torch.clamp(torch.round(weight / scale[:, None]), -self.weight_max,
+                                                        self.weight_max).to(torch.int8))
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.input_scale: float | None = None
@@ -80,7 +86,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.input_scale is None else f"static, input scale {self.input_scale:.3g}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({mode})"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 ({mode}, weights in "
+                f"[-{self.weight_max}, {self.weight_max}])")
 
     def packed_weight(self) -> torch.Tensor:
         """The int8 weight in oneDNN's layout, packed on first use."""
