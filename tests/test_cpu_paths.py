@@ -139,13 +139,13 @@ def plan(level: str, framework: str, dtype: str) -> cpu.PathPlan:
     ("amx", "onednn_prepacked", "sdpa", True),
     ("avx512_bf16", "onednn_prepacked", "matmul_per_image", True),
     ("avx512", "onednn_prepacked", "sdpa", False),
-    ("avx2", "aten_linear", "sdpa", False),
+    ("avx2", "onednn_prepacked_float32", "sdpa", False),  # no oneDNN bf16 GEMM: float32 on the bf16 values
     ("none", "aten_linear", "sdpa", False),
 ])
 def test_torch_bfloat16_plan_per_isa(level: str, gemm: str, attention: str, native: bool) -> None:
     p = plan(level, "torch", "bfloat16")
     assert (p.gemm, p.attention, p.bf16_native) == (gemm, attention, native)
-    assert p.gemm_epilogues == p.fused_qkv == (gemm == "onednn_prepacked")
+    assert p.gemm_epilogues == p.fused_qkv == gemm.startswith("onednn_prepacked")
     assert p.sub_batches
     assert any("emulated" in r for r in p.reasons) == (not native)
 
@@ -294,3 +294,29 @@ def test_models_read_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad():
         assert linear.onednn_ready(x) == layers._onednn_runs(torch.float32)
         assert layers.splits_batch(torch.randn(64, 65, 8), None, False, False, False)
+
+
+def test_bfloat16_on_avx2_runs_the_float32_onednn_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The avx2 bfloat16 plan (oneDNN has no bf16 GEMM there): the Linear layers, their GELU and
+    residual epilogues and the fused q / k / v run oneDNN's float32 GEMM on the widened bf16 values
+    and round once: each output is the float32 result of the same bf16 operands, rounded to bf16."""
+    torch = pytest.importorskip("torch")
+    from vit_torch import layers
+
+    monkeypatch.setenv(cpu.ENV_VAR, "avx2")
+    if not layers._onednn_runs(torch.float32):
+        pytest.skip("this torch build has no oneDNN")
+    assert layers.gemm_dtype(torch.bfloat16) == torch.float32 and layers.onednn_gemm(torch.bfloat16)
+    assert layers.gemm_dtype(torch.float32) == torch.float32
+    torch.manual_seed(0)
+    linear = layers.Linear(64, 96).eval().to(torch.bfloat16)
+    x, residual = torch.randn(3, 10, 64).bfloat16(), torch.randn(3, 10, 96).bfloat16()
+    exact = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    with torch.no_grad():
+        assert linear.onednn_ready(x) and linear.fuses(x, "gelu")
+        plain, gelu, added = linear(x), linear(x, post_op="gelu"), linear(x, residual=residual)
+        assert linear.packed_weight().dtype == torch.float32
+    assert plain.dtype == gelu.dtype == added.dtype == torch.bfloat16
+    for got, want in ((plain, exact), (gelu, torch.nn.functional.gelu(exact)), (added, exact + residual.double())):
+        # one rounding to bf16 of a float32 result: within half a bf16 ulp (2^-8 relative) plus float32 noise
+        assert float(((got.double() - want).abs() / want.abs().clamp_min(1e-3)).max()) <= 2.0 ** -8 + 1e-5

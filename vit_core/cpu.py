@@ -201,7 +201,9 @@ class PathPlan:
     """The CPU speed paths of one framework and dtype on one ISA level.
 
     gemm: torch "onednn_prepacked" (weights reordered once into oneDNN's blocked layout,
-        ``torch.ops.mkldnn._linear_pointwise``) or "aten_linear" (``F.linear``: MKL sgemm in float32);
+        ``torch.ops.mkldnn._linear_pointwise``), "onednn_prepacked_float32" (bfloat16 where oneDNN
+        has no bf16 GEMM: operands widened to float32, the float32 GEMM, the result rounded to
+        bf16) or "aten_linear" (``F.linear``: MKL sgemm in float32);
         tf "matmul"; flax "dot" (float32) / "dot_f32_result" (bf16 operands, float32 result).
     gemm_epilogues: bias + GELU and the residual adds run inside the GEMM (torch oneDNN only).
     fused_qkv: query, key and value as one GEMM on the concatenated weight (torch oneDNN only).
@@ -292,7 +294,9 @@ def select_paths(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:
     gemm = "dot_f32_result" if dtype == "bfloat16" else "dot"
     if dtype == "bfloat16":
         reasons.append("bf16 x bf16 -> float32 dots: XLA CPU widens the operands of a bf16-result dot "
-                       "(896 vs 438 GFLOP/s on avx512_bf16); the same float32 sums on every ISA")
+                       "(896 vs 438 GFLOP/s on avx512_bf16); the same float32 sums on every ISA, the "
+                       "bias added before the one rounding (on AVX2 a bf16-result dot measured 1.31x "
+                       "faster at ViT-S/16 batch 8 but rounds twice: not taken)")
     reasons.append("sub-batches of 1024 rows: XLA CPU dots lose rate on 6k-row operands")
     return PathPlan("flax", dtype, isa, gemm, "batched_dot", bf16_native=native, sub_batches=True,
                     reasons=tuple(reasons))
@@ -301,15 +305,21 @@ def select_paths(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:
 def _select_torch(isa: str, dtype: str, native: bool | None, reasons: list[str]) -> PathPlan:
     x86 = isa != "other"
     # oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) at least; below that torch has no oneDNN bf16 GEMM.
-    onednn = x86 and (dtype == "float32" or (dtype == "bfloat16" and isa in ("amx", "avx512_bf16", "avx512")))
-    if onednn:
+    onednn = x86 and (dtype in ("float32", "bfloat16"))
+    if onednn and dtype == "bfloat16" and isa == "avx2":
+        gemm = "onednn_prepacked_float32"
+        reasons.append("bfloat16 on AVX2: oneDNN has no bf16 GEMM here and F.linear's bf16 fallback runs "
+                       "13-15 GFLOP/s; the bf16 values widened exactly to float32 run oneDNN's float32 "
+                       "GEMM (141-185 GFLOP/s, AMD EPYC AVX2) and the result is rounded to bf16")
+    elif onednn:
         gemm = "onednn_prepacked"
         if dtype == "float32" and isa in ("avx512", "avx512_bf16"):
             reasons.append("float32 oneDNN prepacked 502 GFLOP/s vs MKL F.linear 209 on AMD AVX-512: 2.4x")
         elif dtype == "float32" and isa == "amx":
             reasons.append("float32 oneDNN = MKL (~376 GFLOP/s) on Intel AMX: prepacked keeps the GEMM epilogues")
         elif dtype == "float32":
-            reasons.append("float32 on AVX2: oneDNN prepacked (MKL's AVX2 path is slow on AMD; not measured here)")
+            reasons.append("float32 on AVX2: oneDNN prepacked 141-185 GFLOP/s vs MKL F.linear 117-137 "
+                           "(AMD EPYC AVX2, 2 threads): 1.1-1.4x")
         else:
             reasons.append("bfloat16 oneDNN prepacked (AMX tiles / avx512_bf16 dot products inside oneDNN)")
     else:

@@ -114,11 +114,48 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+_ONEDNN_GEMMS = ("onednn_prepacked", "onednn_prepacked_float32")
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prepacked oneDNN GEMM runs in for ``dtype`` inputs: float32 for bfloat16 where
+    the plan says ``gemm == "onednn_prepacked_float32"`` (a CPU with no bf16 GEMM in oneDNN, AVX2:
+    the bf16 values widen to float32 exactly, the products are summed in float32 as a bf16 GEMM
+    sums them, and the result is rounded to bfloat16), else ``dtype`` itself."""
+    plan = speed_plan(dtype)
+    return torch.float32 if plan is not None and plan.gemm == "onednn_prepacked_float32" else dtype
+
+
 def onednn_gemm(dtype: torch.dtype) -> bool:
     """Whether inference GEMMs in ``dtype`` run oneDNN on prepacked weights: the plan says so
-    (``gemm == "onednn_prepacked"``) and this torch build can."""
+    (``gemm`` "onednn_prepacked", or "onednn_prepacked_float32" for bfloat16 computed in float32)
+    and this torch build can."""
     plan = speed_plan(dtype)
-    return plan is not None and plan.gemm == "onednn_prepacked" and _onednn_runs(dtype)
+    return plan is not None and plan.gemm in _ONEDNN_GEMMS and _onednn_runs(gemm_dtype(dtype))
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """A 2-D (out, in) weight reordered into oneDNN's blocked layout, in :func:`gemm_dtype` of its dtype."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(gemm_dtype(weight.dtype)), None)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, attr: str = "none",
+                  algorithm: str = "", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` by oneDNN on a :func:`prepack` ed weight, with the activation ``attr`` /
+    ``algorithm`` (a post-op of _ONEDNN_POST_OPS) or ``+ residual`` inside the GEMM. Where the GEMM
+    runs in float32 for a bfloat16 ``x`` (:func:`gemm_dtype`), the operands widen and the result
+    (epilogue included) is rounded to bfloat16 once."""
+    dtype = x.dtype
+    compute = gemm_dtype(dtype)
+    if compute != dtype:
+        x = x.to(compute)
+        bias = None if bias is None else bias.to(compute)
+        residual = None if residual is None else residual.to(compute)
+    if residual is not None:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
@@ -190,7 +227,7 @@ class Linear(_PackedWeightCache, nn.Linear):
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if self._packed is None or self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed = prepack(weight)
             self._packed_key = key
         return self._packed
 
@@ -204,15 +241,15 @@ class Linear(_PackedWeightCache, nn.Linear):
         ``residual`` (..., out_features) is added to the result (inside the GEMM on the oneDNN path)."""
         if residual is not None:
             if self.epilogues(x):
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed_weight(), self.bias, "add")
+                return onednn_linear(x, self.packed_weight(), self.bias, residual=residual)
             return F.linear(x, self.weight, self.bias) + residual
         if post_op is not None:
             if not self.fuses(x, post_op):
                 raise ValueError(f"activation {post_op!r} cannot be fused here; check Linear.fuses first")
             attr, algorithm = _ONEDNN_POST_OPS[post_op]
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, attr, [], algorithm)
+            return onednn_linear(x, self.packed_weight(), self.bias, attr, algorithm)
         if self.onednn_ready(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
+            return onednn_linear(x, self.packed_weight(), self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -321,10 +358,10 @@ def qkv_projection(query: Linear, key: Linear, value: Linear, hidden_states: tor
         weight = torch.cat([m.weight.detach() for m in layers])  # (3 * all_head, hidden)
         bias = None if query.bias is None else torch.cat([
             m.bias.detach() if m.bias is not None else torch.zeros_like(query.bias) for m in layers])
-        query._qkv_packed = (torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
+        query._qkv_packed = (prepack(weight), bias)
         query._qkv_key = cache_key
     packed, bias = query._qkv_packed
-    fused = torch.ops.mkldnn._linear_pointwise(hidden_states, packed, bias, "none", [], "")  # (batch, tokens, 3 * all_head)
+    fused = onednn_linear(hidden_states, packed, bias)  # (batch, tokens, 3 * all_head)
     return fused.chunk(3, dim=-1)
 
 
@@ -411,9 +448,9 @@ class PatchProjection(_PackedWeightCache, nn.Conv2d):
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype)
         if self._packed is None or self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().reshape(weight.shape[0], -1), None)
+            self._packed = prepack(weight.reshape(weight.shape[0], -1))
             self._packed_key = key
-        embeddings = torch.ops.mkldnn._linear_pointwise(patches, self._packed, self.bias, "none", [], "")  # (batch, gh, gw, hidden)
+        embeddings = onednn_linear(patches, self._packed, self.bias)  # (batch, gh, gw, hidden)
         return embeddings.permute(0, 3, 1, 2)  # (batch, hidden, gh, gw)
 
 
