@@ -144,7 +144,17 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process in MiB: Linux's VmHWM (the high-water mark of this
+    process image, reset by exec). Not ``ru_maxrss``: a child started by fork + exec reports its
+    parent's peak there when that is larger (measured: a 813 MiB parent's fresh ``python -c``
+    child read 813), which floored every benchmark cell at the harness's own peak. ``ru_maxrss``
+    (KiB) only where /proc is missing."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -74,6 +74,20 @@ def test_quick_benchmark_writes_the_report(tmp_path: pathlib.Path) -> None:
     assert cold["logits_max_abs_diff"] <= 1e-5
 
 
+def test_peak_rss_is_the_cells_own_not_its_parents() -> None:
+    """A cell's process is started by a larger harness: its peak RSS must be its own (Linux's
+    ru_maxrss of a fork + exec child reads the parent's peak when that is larger)."""
+    code = ("import subprocess, sys\n"
+            "block = bytearray(700 * 1024 * 1024)\n"
+            "for i in range(0, len(block), 4096): block[i] = 1\n"
+            "child = 'from benchmarks.common import peak_rss_mb; print(peak_rss_mb())'\n"
+            "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = float(done.stdout.split()[-1])
+    assert 5 < child < 300, child  # a bare interpreter and numpy-free module: tens of MiB, not the parent's 700+
+
+
 def test_merge_keeps_the_faster_pass_of_a_cell_measured_twice() -> None:
     from benchmarks.run import _merge
 
