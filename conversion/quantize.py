@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.cpu import cpu_features, int8_dot_saturates
+from vit_core.cpu import int8_dot_saturates
 from vit_core.quantization import calibration_pixels, check_mode, layer_roles, load_processor, resolve_skip
 
 ENGINES = ("onnxruntime", "openvino")
@@ -161,7 +161,7 @@ def _quantize_onnxruntime(source: pathlib.Path, out: pathlib.Path, mode: str, sk
     # reduce_range: 7-bit weights where the CPU's u8 x s8 kernel adds product pairs in saturating
     # int16 (vit_core.cpu.int8_dot_saturates: x86 without VNNI)
     common = dict(op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=selected, per_channel=True,
-                  weight_type=QuantType.QInt8, reduce_range=int8_dot_saturates(cpu_features()))
+                  weight_type=QuantType.QInt8, reduce_range=int8_dot_saturates())
     with _without_preprocessing_advice():
         if mode == "int8-dynamic":
             quantize_dynamic(str(source), str(out), **common)
@@ -248,7 +248,7 @@ def _quantize_openvino(source: pathlib.Path, out: pathlib.Path, mode: str, skipp
         advanced = AdvancedQuantizationParameters(
             activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
-            overflow_fix=OverflowFix.ENABLE if int8_dot_saturates(cpu_features()) else None)
+            overflow_fix=OverflowFix.ENABLE if int8_dot_saturates() else None)
         dataset = nncf.Dataset([pixels[i:i + 1] for i in range(len(pixels))])
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels),
                                   ignored_scope=nncf.IgnoredScope(names=others, validate=False),

@@ -248,8 +248,9 @@ INT8_WEIGHT_MAX_FULL = 127
 INT8_WEIGHT_MAX_REDUCED = 63
 
 
-def int8_dot_saturates(features: CPUFeatures) -> bool:
-    """Whether this CPU's uint8 x int8 GEMM kernels (oneDNN, ONNX Runtime's MLAS, OpenVINO) saturate.
+def int8_dot_saturates(features: CPUFeatures | None = None) -> bool:
+    """Whether this CPU's (or ``features``') uint8 x int8 GEMM kernels (oneDNN, ONNX Runtime's MLAS,
+    OpenVINO) saturate.
 
     Without VNNI (AVX2, AVX-512 before Cascade Lake) they multiply with ``vpmaddubsw``, which adds
     each pair of u8 x s8 products into a *saturating int16*: 2 x 255 x 127 = 64,770 overflows
@@ -257,6 +258,7 @@ def int8_dot_saturates(features: CPUFeatures) -> bool:
     0.30 (the whole of its int8 error), the fine-tuned test ViT's worst-image logit cosine 0.9950
     against float32. With weights in [-63, 63] (2 x 255 x 63 = 32,130) the kernel is exact again
     (2e-7). VNNI (``vpdpbusd``), AMX and arm's dot products accumulate in int32. x86 only."""
+    features = cpu_features() if features is None else features
     if features.arch.lower() not in _X86_ARCHS:
         return False
     return not any(flag in features.flags for flag in _INT8_DOT_FLAGS)
@@ -265,7 +267,6 @@ def int8_dot_saturates(features: CPUFeatures) -> bool:
 def int8_weight_max(features: CPUFeatures | None = None) -> int:
     """The largest int8 weight magnitude to quantize to on this CPU (or ``features``): 127, or 63
     where :func:`int8_dot_saturates` (ONNX Runtime's ``reduce_range``, NNCF's overflow fix)."""
-    features = cpu_features() if features is None else features
     return INT8_WEIGHT_MAX_REDUCED if int8_dot_saturates(features) else INT8_WEIGHT_MAX_FULL
 
 
@@ -304,8 +305,8 @@ def select_paths(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:
 
 def _select_torch(isa: str, dtype: str, native: bool | None, reasons: list[str]) -> PathPlan:
     x86 = isa != "other"
-    # oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) at least; below that torch has no oneDNN bf16 GEMM.
-    onednn = x86 and (dtype in ("float32", "bfloat16"))
+    # oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) at least; on AVX2 bfloat16 runs oneDNN's float32 GEMM.
+    onednn = x86 and dtype in ("float32", "bfloat16")
     if onednn and dtype == "bfloat16" and isa == "avx2":
         gemm = "onednn_prepacked_float32"
         reasons.append("bfloat16 on AVX2: oneDNN has no bf16 GEMM here and F.linear's bf16 fallback runs "

@@ -142,11 +142,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, attr: str = "none",
                   algorithm: str = "", residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` by oneDNN on a :func:`prepack` ed weight, with the activation ``attr`` /
-    ``algorithm`` (a post-op of _ONEDNN_POST_OPS) or ``+ residual`` inside the GEMM. Where the GEMM
-    runs in float32 for a bfloat16 ``x`` (:func:`gemm_dtype`), the operands widen and the result
-    (epilogue included) is rounded to bfloat16 once."""
-    dtype = x.dtype
-    compute = gemm_dtype(dtype)
+    ``algorithm`` (a post-op of _ONEDNN_POST_OPS) or ``+ residual`` inside the GEMM, in the dtype
+    the weight was packed in: for a bfloat16 ``x`` and a float32-packed weight (:func:`gemm_dtype`)
+    the operands widen and the result (epilogue included) is rounded to bfloat16 once."""
+    dtype, compute = x.dtype, packed.dtype
     if compute != dtype:
         x = x.to(compute)
         bias = None if bias is None else bias.to(compute)
