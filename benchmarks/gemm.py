@@ -12,6 +12,8 @@ is its GEMM bound (benchmarks.report). Methods:
 - torch ``mkldnn_prepacked``: ``torch.ops.mkldnn._linear_pointwise`` on a weight reordered once by
   ``torch.ops.mkldnn._reorder_linear_weight`` (oneDNN's blocked layout);
 - tf ``matmul``: ``tf.matmul`` inside a ``tf.function``; tf ``xla``: the same with jit_compile;
+  tf ``xla_f32_result`` (bfloat16 only): under jit_compile, ``BatchMatMulV3`` with a float32
+  result rounded to bfloat16, what vit_tf runs under XLA on bf16 hardware (see xla below);
 - xla ``dot``: ``jax.jit(jnp.dot)``; xla ``dot_f32_result`` (bfloat16 only): the same with
   ``preferred_element_type=float32`` and the result rounded to bfloat16, what vit_flax runs: XLA's
   CPU backend widens the operands of a bfloat16-result dot to float32 but feeds the CPU's bf16
@@ -85,6 +87,11 @@ def tf_rates(shapes: list[tuple[int, int, int]], min_time_s: float) -> list[dict
                 fn = tf.function(lambda a, b: tf.matmul(a, b), jit_compile=jit)
                 out.append(dict(method=method, dtype=dtype_name, shape=[m, k, n],
                                 gflops=rate(lambda: fn(x, w).numpy(), flops, min_time_s)))
+            if dtype_name == "bfloat16":
+                wide = tf.function(lambda a, b: tf.cast(tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=tf.float32), a.dtype),
+                                   jit_compile=True)
+                out.append(dict(method="xla_f32_result", dtype=dtype_name, shape=[m, k, n],
+                                gflops=rate(lambda: wide(x, w).numpy(), flops, min_time_s)))
     return out
 
 

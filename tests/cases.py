@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_core import ViTConfig
+from vit_core import ViTConfig, cpu
 from vit_core.weights import weight_table
 
 TINY: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -207,3 +207,9 @@ def reference(case: Case) -> dict[str, Any]:
     if any(c == case for c in CASES):
         return _table_reference(case.name)
     return _reference_forward(case)
+
+
+def force_cpu_level(monkeypatch: Any, level: str) -> None:
+    """Make vit_core.cpu plan for ISA ``level`` (``VITX_CPU_FEATURES``), without its emulated-bf16 warnings."""
+    monkeypatch.setenv(cpu.ENV_VAR, level)
+    monkeypatch.setattr(cpu, "_WARNED", {(f, i) for f in cpu.FRAMEWORKS for i in cpu.ISA_LEVELS})

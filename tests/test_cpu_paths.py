@@ -20,7 +20,7 @@ from vit_core import cpu
 from vit_core.tolerances import TOLERANCES
 
 from .backends import BACKENDS_BY_NAME
-from .cases import CASES, make_inputs, reference
+from .cases import CASES, force_cpu_level, make_inputs, reference
 
 SMALL = TOLERANCES["small"]
 LEVELS = ("amx", "avx512_bf16", "avx512", "avx2", "none")
@@ -163,11 +163,14 @@ def test_torch_float32_plan_per_isa(level: str, gemm: str) -> None:
 @pytest.mark.parametrize("level", LEVELS)
 def test_tf_and_flax_plans_per_isa(level: str) -> None:
     """TF and Flax leave GEMMs and fusions to their compilers; what the ISA changes is whether
-    bfloat16 is native. float32 runs in sub-batches in both; TF's bfloat16 runs whole."""
+    bfloat16 is native (and with it TF's bf16 dots under XLA). float32 runs in sub-batches in
+    both; TF's bfloat16 runs whole."""
     native = level in ("amx", "avx512_bf16")
     tf32, tf16 = plan(level, "tf", "float32"), plan(level, "tf", "bfloat16")
     assert (tf32.gemm, tf32.attention, tf32.sub_batches, tf32.bf16_native) == ("matmul", "batched_matmul", True, None)
     assert (tf16.sub_batches, tf16.bf16_native) == (False, native)
+    # bf16 x bf16 -> float32 dots under XLA where bf16 is native; TF's bf16 matmul elsewhere
+    assert tf16.gemm == ("matmul_xla_f32_result" if native else "matmul")
     fx32, fx16 = plan(level, "flax", "float32"), plan(level, "flax", "bfloat16")
     assert (fx32.gemm, fx32.attention, fx32.sub_batches) == ("dot", "batched_dot", True)
     assert (fx16.gemm, fx16.sub_batches, fx16.bf16_native) == ("dot_f32_result", True, native)
@@ -217,9 +220,7 @@ def test_emulated_bfloat16_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ================================================================================ parity on every plan
-def _forced(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
-    monkeypatch.setenv(cpu.ENV_VAR, level)
-    monkeypatch.setattr(cpu, "_WARNED", {(f, i) for f in cpu.FRAMEWORKS for i in cpu.ISA_LEVELS})  # no warnings
+_forced = force_cpu_level
 
 
 def _outputs(backend: Any, case: Any, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -263,8 +264,8 @@ def test_torch_bfloat16_close_on_every_plan_this_cpu_runs(monkeypatch: pytest.Mo
 @pytest.mark.parametrize("framework", ["tf", "flax"])
 @pytest.mark.parametrize("level", ["amx", "none"])
 def test_tf_flax_float32_within_bounds_on_forced_plans(monkeypatch: pytest.MonkeyPatch, framework: str, level: str) -> None:
-    """TF and Flax plans differ between ISAs only in ``bf16_native`` (test_tf_and_flax_plans_per_isa);
-    the computation of the highest and the lowest level stays within the float32 bound."""
+    """TF and Flax float32 plans are the same on every ISA (test_tf_and_flax_plans_per_isa); the
+    computation of the highest and the lowest level stays within the float32 bound."""
     backend = BACKENDS_BY_NAME[framework]
     backend.require()
     _forced(monkeypatch, level)

@@ -204,7 +204,9 @@ class PathPlan:
         ``torch.ops.mkldnn._linear_pointwise``), "onednn_prepacked_float32" (bfloat16 where oneDNN
         has no bf16 GEMM: operands widened to float32, the float32 GEMM, the result rounded to
         bf16) or "aten_linear" (``F.linear``: MKL sgemm in float32);
-        tf "matmul"; flax "dot" (float32) / "dot_f32_result" (bf16 operands, float32 result).
+        tf "matmul" / "matmul_xla_f32_result" (bfloat16 on bf16 hardware: under XLA, bf16 operands
+        and a float32 result, rounded once after the bias; TF's bf16 matmul outside XLA);
+        flax "dot" (float32) / "dot_f32_result" (bf16 operands, float32 result).
     gemm_epilogues: bias + GELU and the residual adds run inside the GEMM (torch oneDNN only).
     fused_qkv: query, key and value as one GEMM on the concatenated weight (torch oneDNN only).
     attention: torch "sdpa" (``F.scaled_dot_product_attention``: its CPU flash kernel, bf16
@@ -290,7 +292,16 @@ def select_paths(features: CPUFeatures, framework: str, dtype: str) -> PathPlan:
         # TF's matmul is oneDNN / Eigen whatever vitx does; the fusions are Grappler's / XLA's.
         reasons.append("float32: sub-batches of 1024 rows (TF's GEMMs lose rate on 6k-row operands, AVX-512 "
                        "measured); bfloat16 runs whole (TF's bf16 matmul gains rate with rows)")
-        return PathPlan("tf", dtype, isa, "matmul", "batched_matmul", bf16_native=native,
+        gemm = "matmul"
+        if native:
+            gemm = "matmul_xla_f32_result"
+            reasons.append("bfloat16 under XLA (jit_compile): bf16 x bf16 -> float32 dots (BatchMatMulV3 with "
+                           "Tout=float32), which XLA CPU runs on the bf16 instructions; a bf16-result dot has its "
+                           "operands widened to float32 (XLA dot 438 vs 896 GFLOP/s, AMD avx512_bf16). TF's graph "
+                           "kernels have no such signature: outside XLA TF's bf16 matmul. On emulated bf16 (AVX2) "
+                           "the float32-result dot measured slower (80-96 vs 100-145 GFLOP/s): not taken. Under XLA "
+                           "these run in 1024-row sub-batches, as vit_flax")
+        return PathPlan("tf", dtype, isa, gemm, "batched_matmul", bf16_native=native,
                         sub_batches=dtype == "float32", reasons=tuple(reasons))
     gemm = "dot_f32_result" if dtype == "bfloat16" else "dot"
     if dtype == "bfloat16":

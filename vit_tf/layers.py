@@ -3,10 +3,10 @@
 Everything that differs between frameworks in how a ViT computes lives here, in one small place:
 the activation table, LayerNorm, the attention kernels (fused and eager), the bicubic resampling
 of the position grid, the patch convolution and the leaf layers that hold weights. tests/test_models.py
-checks each against vit_core. The inference speed path (sub-batching of large float32 batches)
-lives here too, so modeling.py reads as the architecture; whether it runs is vit_core.cpu's plan
-for the CPU and dtype (:func:`speed_plan`; docs/performance.md), why it exists is measured in
-benchmarks/RESULTS.md.
+checks each against vit_core. The inference speed paths (bfloat16 dots with float32 results under
+XLA, sub-batching of large batches) live here too, so modeling.py reads as the architecture;
+whether they run is vit_core.cpu's plan for the CPU and dtype (:func:`speed_plan`;
+docs/performance.md), why they exist is measured in benchmarks/RESULTS.md.
 
 Leaf layers (``Dense``, ``LayerNorm``, ``Conv2d``) create their weights in ``__init__`` (shapes are
 known from the config), named ``weight`` / ``bias`` like the canonical names; the layouts are
@@ -77,6 +77,66 @@ def get_activation(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+# ------------------------------------------------------------------------------ matmuls
+def speed_plan(dtype: tf.DType) -> cpu.PathPlan | None:
+    """The CPU speed paths vit_core.cpu chose for TensorFlow in ``dtype`` on this CPU (None for other dtypes)."""
+    name = tf.as_dtype(dtype).name
+    return cpu.current_plan("tf", name) if name in cpu.DTYPES else None
+
+
+def compiling_for_xla() -> bool:
+    """Whether the call is being traced into an XLA computation (``tf.function(jit_compile=True)``,
+    Keras ``jit_compile``), where ops lower to XLA HLO instead of running TensorFlow's kernels."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):  # TensorFlow moved its internals: TF's own kernels, always correct
+        return False
+
+
+def accumulator_dtype(dtype: tf.DType) -> tf.DType | None:
+    """The result type to ask of a matmul computed in ``dtype``: float32 where the vit_core.cpu plan
+    says ``gemm="matmul_xla_f32_result"`` (bfloat16 on bf16 hardware) and XLA compiles the call,
+    else the input's (None).
+
+    XLA's CPU backend widens both operands of a bfloat16-result dot to float32, while a bfloat16 x
+    bfloat16 -> float32 dot runs on the CPU's bf16 instructions at about twice the rate (measured
+    in benchmarks/RESULTS.md). TensorFlow's graph kernels have no bf16 -> float32 matmul, so
+    outside XLA the matmul stays bf16. Callers round the result back. The patch convolution keeps
+    a bf16-result convolution (one op per forward; vit_flax computes it as a dot).
+    """
+    plan = speed_plan(dtype)
+    if plan is None or plan.gemm != "matmul_xla_f32_result" or not compiling_for_xla():
+        return None
+    return tf.float32
+
+
+def matmul(x: tf.Tensor, y: tf.Tensor, transpose_b: bool = False, result_dtype: tf.DType | None = None) -> tf.Tensor:
+    """``x @ y`` (``y`` transposed in its last two axes with ``transpose_b``; leading axes broadcast
+    as ``tf.linalg.matmul``), with a ``result_dtype`` result where given (bf16 operands, float32
+    sums kept: BatchMatMulV3's ``Tout``; TensorFlow has CPU kernels of it for integer operands
+    only, so under XLA only, see :func:`accumulator_dtype`), else in the operands' dtype. Its
+    gradient is ``tf.linalg.matmul``'s in the operands' dtype."""
+    if result_dtype is None or tf.as_dtype(result_dtype) == x.dtype:
+        return tf.linalg.matmul(x, y, transpose_b=transpose_b)
+
+    @tf.custom_gradient
+    def product(a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], list[tf.Tensor]]]:
+        def grad(upstream: tf.Tensor) -> list[tf.Tensor]:
+            # BatchMatMulV3's registered gradient multiplies the float32 upstream by the bf16
+            # operands (a dtype error): the operands'-dtype matmul's instead, whose forward value
+            # is unused (XLA drops it)
+            with tf.GradientTape() as tape:
+                tape.watch([a, b])
+                same = tf.linalg.matmul(a, b, transpose_b=transpose_b)
+            return tape.gradient(same, [a, b], output_gradients=tf.cast(upstream, same.dtype))
+
+        return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=result_dtype, adj_y=transpose_b), grad
+
+    return product(x, y)
+
+
 # ------------------------------------------------------------------------------ leaf layers
 class Dense(keras.Layer):
     """y = x @ weight + bias; weight (in_features, out_features) (TF layout of a canonical "linear")."""
@@ -90,6 +150,14 @@ class Dense(keras.Layer):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         """(..., in) -> (..., out)."""
+        accumulator = accumulator_dtype(x.dtype)
+        if accumulator is not None:  # bf16 operands, float32 sum + bias, rounded once
+            # as a 2-D product (as tensordot): one GEMM over every row, and so is its weight gradient
+            rows = tf.reshape(x, (-1, self.in_features))
+            y = matmul(rows, tf.cast(self.weight, x.dtype), result_dtype=accumulator)
+            y = y if self.bias is None else y + tf.cast(self.bias, accumulator)
+            y = tf.reshape(tf.cast(y, x.dtype), tf.concat([tf.shape(x)[:-1], [self.out_features]], axis=0))
+            return tf.ensure_shape(y, x.shape[:-1].concatenate([self.out_features]))
         y = tf.matmul(x, self.weight) if x.shape.rank == 2 else tf.tensordot(x, self.weight, axes=1)
         return y if self.bias is None else y + self.bias
 
@@ -175,15 +243,16 @@ def eager_attention(
     after dropout and head mask, as transformers'. The scores are upcast and the softmax runs in
     float32 whatever the compute dtype (bfloat16 / float16 logits lose the tail).
     """
-    scores = tf.matmul(query, key, transpose_b=True)  # (batch, heads, tokens, tokens)
+    accumulator = accumulator_dtype(query.dtype)
+    scores = matmul(query, key, transpose_b=True, result_dtype=accumulator)  # (batch, heads, tokens, tokens)
     scores = tf.cast(scores, tf.float32) * scaling
     probs = tf.cast(tf.nn.softmax(scores, axis=-1), query.dtype)
     if dropout is not None:
         probs = dropout(probs)
     if head_mask is not None:
         probs = probs * head_mask
-    context = tf.matmul(probs, value)  # (batch, heads, tokens, head_dim)
-    return context, probs
+    context = matmul(probs, value, result_dtype=accumulator)  # (batch, heads, tokens, head_dim)
+    return tf.cast(context, value.dtype), probs
 
 
 def fused_attention(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, scaling: float) -> tf.Tensor:
@@ -195,9 +264,10 @@ def fused_attention(query: tf.Tensor, key: tf.Tensor, value: tf.Tensor, scaling:
     :func:`eager_attention`, no probabilities (nothing kept for the caller, no head mask or
     dropout); softmax in float32.
     """
-    scores = tf.cast(tf.matmul(query, key, transpose_b=True), tf.float32) * scaling
+    accumulator = accumulator_dtype(query.dtype)
+    scores = tf.cast(matmul(query, key, transpose_b=True, result_dtype=accumulator), tf.float32) * scaling
     probs = tf.cast(tf.nn.softmax(scores, axis=-1), query.dtype)
-    return tf.matmul(probs, value)  # (batch, heads, tokens, head_dim)
+    return tf.cast(matmul(probs, value, result_dtype=accumulator), value.dtype)  # (batch, heads, tokens, head_dim)
 
 
 # ------------------------------------------------------------------------------ position grid
@@ -249,12 +319,6 @@ class PixelShuffle(keras.Layer):
 
 
 # ------------------------------------------------------------------------------ speed paths
-def speed_plan(dtype: tf.DType) -> cpu.PathPlan | None:
-    """The CPU speed paths vit_core.cpu chose for TensorFlow in ``dtype`` on this CPU (None for other dtypes)."""
-    name = tf.as_dtype(dtype).name
-    return cpu.current_plan("tf", name) if name in cpu.DTYPES else None
-
-
 # ViTEncoder runs inference batches as sub-batches of at most this many token rows (5 images of
 # ViT-*/16 at 224): see splits_batch.
 INFERENCE_CHUNK_ROWS = 1024
@@ -264,14 +328,16 @@ def splits_batch(hidden_states: tf.Tensor, head_mask: tf.Tensor | None, output_a
                  output_hidden_states: bool, training: bool) -> bool:
     """Whether the encoder runs the batch in sub-batches (:func:`run_in_sub_batches`): the
     vit_core.cpu plan's ``sub_batches`` for the compute dtype (float32 yes; bfloat16 runs whole:
-    TensorFlow's bf16 matmul gains rate with rows, measured in benchmarks/RESULTS.md), inference
-    of more than INFERENCE_CHUNK_ROWS token rows at a static batch size (a traced ``None`` batch
-    runs whole), no head mask and no per-layer outputs."""
+    TensorFlow's bf16 matmul gains rate with rows, measured in benchmarks/RESULTS.md) or, for
+    bfloat16 under XLA with float32-result dots (:func:`accumulator_dtype`), yes as in vit_flax
+    (XLA's CPU dots lose rate on 6k-row operands); inference of more than INFERENCE_CHUNK_ROWS
+    token rows at a static batch size (a traced ``None`` batch runs whole), no head mask and no
+    per-layer outputs."""
     batch_size, tokens = hidden_states.shape[:2]
     plan = speed_plan(hidden_states.dtype)
     return (
         plan is not None
-        and plan.sub_batches
+        and (plan.sub_batches or accumulator_dtype(hidden_states.dtype) is not None)
         and batch_size is not None
         and batch_size > 1
         and batch_size * tokens > INFERENCE_CHUNK_ROWS
