@@ -220,9 +220,6 @@ def test_emulated_bfloat16_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ================================================================================ parity on every plan
-_forced = force_cpu_level
-
-
 def _outputs(backend: Any, case: Any, dtype: str = "float32") -> dict[str, np.ndarray]:
     model = backend.build(case, dtype=dtype)
     out = backend.forward(model, {"pixel_values": make_inputs(case)["pixel_values"]})
@@ -236,7 +233,7 @@ def test_torch_float32_within_bounds_on_every_plan(monkeypatch: pytest.MonkeyPat
     stay within the float32 bound of the float64 reference."""
     backend = BACKENDS_BY_NAME["torch"]
     backend.require()
-    _forced(monkeypatch, level)
+    force_cpu_level(monkeypatch, level)
     case = next(c for c in CASES if c.name == case_name)
     expected = reference(case)
     for key, got in _outputs(backend, case).items():
@@ -251,7 +248,7 @@ def test_torch_bfloat16_close_on_every_plan_this_cpu_runs(monkeypatch: pytest.Mo
     backend.require()
     from vit_torch import layers
 
-    _forced(monkeypatch, level)
+    force_cpu_level(monkeypatch, level)
     p = cpu.current_plan("torch", "bfloat16")
     if p.gemm == "onednn_prepacked" and not layers._onednn_runs(torch.bfloat16):
         pytest.skip("this CPU has no oneDNN bfloat16 GEMM")
@@ -268,7 +265,7 @@ def test_tf_flax_float32_within_bounds_on_forced_plans(monkeypatch: pytest.Monke
     computation of the highest and the lowest level stays within the float32 bound."""
     backend = BACKENDS_BY_NAME[framework]
     backend.require()
-    _forced(monkeypatch, level)
+    force_cpu_level(monkeypatch, level)
     case = next(c for c in CASES if c.name == "cls")
     expected = reference(case)
     for key, got in _outputs(backend, case).items():

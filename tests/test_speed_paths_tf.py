@@ -26,6 +26,9 @@ from vit_tf import layers as tf_layers  # noqa: E402
 from vit_tf import modeling as tf_modeling  # noqa: E402
 
 TINY_CASE = next(c for c in CASES if c.name == "tiny")
+CLS_CASE = next(c for c in CASES if c.name == "cls")
+# how a forward runs: a plain call, tf.function, XLA
+RUN_MODES = {"eager": lambda f: f, "function": tf.function, "xla": lambda f: tf.function(f, jit_compile=True)}
 
 
 @pytest.mark.parametrize("mode", ["eager", "function", "xla"])
@@ -44,7 +47,7 @@ def test_large_batch_runs_in_sub_batches_with_identical_results(mode: str, monke
         return real_layer_call(self, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(tf_modeling.ViTLayer, "call", spy)
-    run = {"eager": lambda f: f, "function": tf.function, "xla": lambda f: tf.function(f, jit_compile=True)}[mode]
+    run = RUN_MODES[mode]
     split = run(lambda x: model(x).last_hidden_state)(x).numpy()
     assert calls == [2, 2, 2, 2, 1, 1], calls  # 2 layers x sub-batches of 2, 2, 1
     calls.clear()
@@ -73,15 +76,10 @@ def test_dynamic_batch_and_training_run_whole() -> None:
     traced(hidden)
 
 
-
 def _hlo_dots(fn: Any, *args: Any) -> list[tuple[str, str]]:
     """(result dtype, operand dtype) of every dot in the XLA HLO of ``fn`` under jit_compile."""
     hlo = tf.function(fn, jit_compile=True).experimental_get_compiler_ir(*args)(stage="hlo")
     return re.findall(r"= (\w+)\[[^\]]*\](?:\{[^}]*\})? dot\((\w+)\[", hlo)
-
-
-CLS_CASE = next(c for c in CASES if c.name == "cls")
-XLA = {"eager": lambda f: f, "function": tf.function, "xla": lambda f: tf.function(f, jit_compile=True)}
 
 
 @pytest.mark.parametrize("level, result", [("avx512_bf16", "f32"), ("amx", "f32"), ("avx2", "bf16")])
@@ -101,7 +99,7 @@ def test_bfloat16_dots_under_xla_follow_the_plan(monkeypatch: pytest.MonkeyPatch
         dots = _hlo_dots(forward, x)
         assert len(dots) == 8 * CLS_CASE.vit_config.num_hidden_layers + 1, dots
         assert set(dots) == {(result, "bf16")}, dots
-        for mode, run in XLA.items():
+        for mode, run in RUN_MODES.items():
             logits = run(forward)(x)
             assert logits.dtype == tf.bfloat16
             diff = np.abs(logits.numpy().astype(np.float64) - expected).max()

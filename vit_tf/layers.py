@@ -27,6 +27,11 @@ import tensorflow as tf
 from vit_core import cpu
 from vit_core.resample import bicubic_matrix as numpy_bicubic_matrix
 
+try:  # TensorFlow's own test of an XLA trace (compiling_for_xla); absent: TF's kernels, always correct
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla_context
+except ImportError:
+    _in_xla_context = None
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -87,12 +92,9 @@ def speed_plan(dtype: tf.DType) -> cpu.PathPlan | None:
 def compiling_for_xla() -> bool:
     """Whether the call is being traced into an XLA computation (``tf.function(jit_compile=True)``,
     Keras ``jit_compile``), where ops lower to XLA HLO instead of running TensorFlow's kernels."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-
-        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    except (ImportError, AttributeError):  # TensorFlow moved its internals: TF's own kernels, always correct
+    if _in_xla_context is None or tf.executing_eagerly():
         return False
+    return bool(_in_xla_context(tf.compat.v1.get_default_graph()))
 
 
 def accumulator_dtype(dtype: tf.DType) -> tf.DType | None:
@@ -118,7 +120,7 @@ def matmul(x: tf.Tensor, y: tf.Tensor, transpose_b: bool = False, result_dtype: 
     sums kept: BatchMatMulV3's ``Tout``; TensorFlow has CPU kernels of it for integer operands
     only, so under XLA only, see :func:`accumulator_dtype`), else in the operands' dtype. Its
     gradient is ``tf.linalg.matmul``'s in the operands' dtype."""
-    if result_dtype is None or tf.as_dtype(result_dtype) == x.dtype:
+    if result_dtype is None:
         return tf.linalg.matmul(x, y, transpose_b=transpose_b)
 
     @tf.custom_gradient
