@@ -108,6 +108,8 @@ def ensure_checkpoint(model: str) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "timm.safetensors"):
         link = directory / name
+        if link.is_symlink() and link.resolve() != (source / name).resolve():
+            link.unlink()  # dangling or stale (the cache was written from another checkout)
         if not link.exists():
             link.symlink_to(source / name)
     size = MODEL_SPECS[model]["image_size"]

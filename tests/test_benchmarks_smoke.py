@@ -244,3 +244,21 @@ def test_quick_engine_benchmark_rows(tmp_path: pathlib.Path) -> None:
         else:
             assert cell["logits_cosine"] >= 0.99 and cell["logits_max_abs_diff"] > 1e-5, cell
     assert not [b for b in report["below_target"] if "cosine" in b["target"] or "within" in b["target"]]
+
+
+def test_predict_checkpoint_replaces_a_dangling_link(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link left by another checkout (its target gone) is replaced, not a FileExistsError."""
+    from benchmarks import fixtures, predict
+
+    source = tmp_path / "tiny"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors", "timm.safetensors"):
+        (source / name).write_text(name)
+    monkeypatch.setattr(fixtures, "ensure_fixtures", lambda model: source)
+    monkeypatch.setattr(predict, "CACHE_DIR", tmp_path / "cache")
+    stale = tmp_path / "cache" / "predict-tiny"
+    stale.mkdir(parents=True)
+    (stale / "config.json").symlink_to(tmp_path / "gone" / "config.json")
+    directory = predict.ensure_checkpoint("tiny")
+    assert (directory / "config.json").read_text() == "config.json"
+    assert (directory / "model.safetensors").resolve() == (source / "model.safetensors").resolve()
