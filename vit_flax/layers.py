@@ -337,14 +337,20 @@ def splits_batch(hidden_states: Array, head_mask: Array | None, output_attention
 
 def run_in_sub_batches(run_layers: Callable[[Array], Array], hidden_states: Array) -> Array:
     """``run_layers`` (batch, tokens, hidden) -> (batch, tokens, hidden) on sub-batches of about
-    INFERENCE_CHUNK_ROWS token rows, as one ``lax.map`` (compiled once, however many sub-batches)
-    plus one call for the remainder. Each image's computation is unchanged (measured in
-    benchmarks/RESULTS.md)."""
+    INFERENCE_CHUNK_ROWS token rows, concatenated. Each image's computation is unchanged.
+
+    Pairs of sub-batches are the body of one ``lax.map`` (a while loop, one pair at a time):
+    compiled once however large the batch, and the two sub-batches of a pair are independent, so
+    XLA may run them side by side. The one sub-batch and the remainder left after the pairs run
+    as calls of their own (as vit_tf's, where pairs measured up to 1.08x one sub-batch at a time;
+    here level: benchmarks/RESULTS.md)."""
     batch_size, tokens, hidden = hidden_states.shape
     images = max(1, INFERENCE_CHUNK_ROWS // tokens)
-    whole = batch_size // images * images
-    chunks = hidden_states[:whole].reshape(whole // images, images, tokens, hidden)
-    outputs = [jax.lax.map(run_layers, chunks).reshape(whole, tokens, hidden)]
-    if whole < batch_size:
-        outputs.append(run_layers(hidden_states[whole:]))
+    paired = batch_size // (2 * images) * 2 * images
+    outputs = []
+    if paired:
+        pairs = hidden_states[:paired].reshape(paired // (2 * images), 2, images, tokens, hidden)
+        mapped = jax.lax.map(lambda pair: jnp.stack([run_layers(pair[0]), run_layers(pair[1])]), pairs)
+        outputs.append(mapped.reshape(paired, tokens, hidden))
+    outputs += [run_layers(hidden_states[i:i + images]) for i in range(paired, batch_size, images)]
     return jnp.concatenate(outputs) if len(outputs) > 1 else outputs[0]
