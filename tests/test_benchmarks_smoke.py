@@ -262,3 +262,39 @@ def test_predict_checkpoint_replaces_a_dangling_link(tmp_path: pathlib.Path, mon
     directory = predict.ensure_checkpoint("tiny")
     assert (directory / "config.json").read_text() == "config.json"
     assert (directory / "model.safetensors").resolve() == (source / "model.safetensors").resolve()
+
+
+def test_kernel_bound_prices_every_product_of_the_forward_pass_on_vitx_sub_batches() -> None:
+    from benchmarks.common import model_flops
+    from benchmarks.kernel_bound import CHUNK_ROWS, flops, products, sub_batches
+    from vit_torch import layers as torch_layers
+
+    assert CHUNK_ROWS == torch_layers.INFERENCE_CHUNK_ROWS
+    assert sub_batches(32, 197) == [10, 10, 10, 2] and sub_batches(8, 197) == [8]
+    assert sub_batches(32, 197, chunked=False) == [32] and sub_batches(1, 197) == [1]
+    for model in ("S/16", "B/16"):
+        for batch in (1, 8, 32):
+            for chunked in (True, False):
+                for fused in (True, False):
+                    total = sum(flops(p) * p["count"] for p in products(model, batch, chunked, fused))
+                    # the same FLOPs as benchmarks.common.model_flops counts, however the batch is split
+                    assert abs(total - batch * model_flops(model)) <= 1e-9 * total, (model, batch, chunked, fused)
+    b8 = {p["name"]: p for p in products("B/16", 8)}
+    assert b8["q/k/v projection (fused)"]["shape"] == [1576, 768, 2304] and b8["MLP in"]["count"] == 12
+    assert b8["attention q.k^T"]["shape"] == [96, 197, 64, 197]
+    assert b8["attention probs.v"]["shape"] == [96, 197, 197, 64]
+    # batch 32: three sub-batches of 10 images and one of 2, 12 layers each; q, k, v apart: 3 per layer
+    qkv = [(p["shape"], p["count"]) for p in products("B/16", 32, fused_qkv=False) if p["name"] == "q/k/v projections"]
+    assert qkv == [([1970, 768, 768], 108), ([394, 768, 768], 36)]
+
+
+def test_quick_kernel_bound_emits_a_bound() -> None:
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_bound", "torch", "--model", "tiny", "--batch",
+                           "2", "--quick", "--weights", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.split("BENCH_RESULT ", 1)[1])
+    assert result["bound_images_per_s"] > 0 and result["plan"]["framework"] == "torch" and result["host"]
+    assert all(r["seconds"] > 0 and r["gflops"] > 0 for r in result["rows"])
+    assert abs(result["seconds_per_batch"] - sum(r["seconds"] * r["count"] for r in result["rows"])) < 1e-12
+    assert abs(result["bound_images_per_s"] - 2 / result["seconds_per_batch"]) < 1e-9 * result["bound_images_per_s"]
