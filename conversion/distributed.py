@@ -129,12 +129,22 @@ def _launch_torch(nproc: int, command: list[str]) -> int:
     try:
         elastic_launch(config=config, entrypoint=entrypoint)(*entry_args)
     except ChildFailedError as e:
-        codes = [f.exitcode for _, f in sorted(e.failures.items())]
-        code = next((c for c in codes if c not in (0, None)), 1)
-        return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+        return _exit_code([f.exitcode for _, f in sorted(e.failures.items())])
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0
+
+
+def _exit_code(codes: Sequence[int | None]) -> int:
+    """The run's exit code from its workers' (by rank; negative: killed by that signal), as a shell
+    reports it (128 + the signal). After the first failure the launcher stops the other workers with
+    SIGTERM, and a worker may end before another that failed on its own is seen: so a worker that exited
+    by itself comes first, then one killed by another signal than SIGTERM, then by rank; 1 if none failed."""
+    failed = [c for c in codes if c not in (0, None)]
+    if not failed:
+        return 1
+    code = min(failed, key=lambda c: (c < 0, c == -signal.SIGTERM))  # min keeps the first of equals: by rank
+    return 128 - code if code < 0 else code
 
 
 def _run_workers(commands: list[list[str]], envs: list[dict[str, str]]) -> int:

@@ -211,6 +211,21 @@ def test_failing_worker_ends_the_run_with_its_exit_code(task: Any, tmp_path: pat
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("codes, expected", [
+    ([-15, 130], 130),   # rank 1 stopped by itself first, the launcher then SIGTERMed rank 0
+    ([130, -15], 130),
+    ([130, 2], 130),     # both on their own: the first by rank
+    ([-15, -9], 137),    # killed by another signal (the OOM killer) before the launcher's SIGTERM
+    ([-15, -15], 143),
+    ([0, None, 3], 3),
+    ([0, 0], 1),         # a failure with no failing worker's code
+])
+def test_the_runs_exit_code_is_the_worker_that_failed_on_its_own(codes: list[int | None], expected: int) -> None:
+    from conversion.distributed import _exit_code
+
+    assert _exit_code(codes) == expected
+
+
 def test_launcher_stops_every_worker_when_one_fails(tmp_path: pathlib.Path) -> None:
     """conversion.distributed._run_workers: the first failing worker's exit code, the others stopped;
     a worker's output is shown when it fails."""
